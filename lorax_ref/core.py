@@ -1,0 +1,378 @@
+r"""LoRA-X, equation by equation (Farhadzadeh et al., ICLR 2025, arXiv 2501.16559).
+
+One small function per equation; the registry in :mod:`lorax_ref.registry` maps each label to its
+function. The paper's PDF could not be read when this module was written: equations (1)-(4) follow the
+numbering that independent summaries agree on, and the exact LaTeX of Eq. (1) and Eq. (4) is a
+reconstruction (see ``docs``/README); a correction is a one-line change in the registry.
+
+Notation (one linear layer, ``nn.Linear.weight`` layout ``(out, in)``):
+
+=====================  ======================================================  ==============
+symbol                 meaning                                                 shape
+=====================  ======================================================  ==============
+``W_s``, ``W_t``       frozen source / target base weight                      ``(m, n)``
+``U_s``, ``V_s``       top-r source bases :math:`\bar U_s, \bar V_s`             ``(m, r)``, ``(n, r)``
+``U_t``, ``V_t``       top-r target bases                                      ``(m, r)``, ``(n, r)``
+``dSigma_s``           trainable LoRA-X parameters :math:`\Delta\Sigma_s`       ``(r,)`` or ``(r, r)``
+``dW_s``               source update :math:`\Delta W_s`                         ``(m, n)``
+``dSigma_ts``          target coordinates :math:`\Delta\Sigma_{t\leftarrow s}`  ``(r, r)``
+=====================  ======================================================  ==============
+
+Every function works on any device and float dtype, checks its inputs (shape, NaN/Inf, rank,
+orthonormal bases, one device, one dtype) and raises :class:`~lorax_ref.errors.LoraxInputError`
+naming the problem. Nothing is broadcast, padded or cropped.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import checks
+from .errors import LoraxInputError
+from .linalg import svd_topk
+
+
+def _bases(U: torch.Tensor, V: torch.Tensor, suffix: str, m: int | None = None, n: int | None = None) -> int:
+    """Check a pair of bases ``U (m, r)``, ``V (n, r)`` of one layer; returns r."""
+    checks.basis("U" + suffix, U, rows=m)
+    checks.basis("V" + suffix, V, rows=n)
+    return checks.same_rank(**{"U" + suffix: U, "V" + suffix: V})
+
+
+def _frob2(x: torch.Tensor) -> float:
+    """‖x‖_F² in float64 (energy ratios must not underflow in half precision)."""
+    return float(x.double().pow(2).sum())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Eq. (1) and Eq. (2): the adapter lives in the source subspace
+# ---------------------------------------------------------------------------------------------------
+
+
+def lorax_delta(U_s: torch.Tensor, dSigma_s: torch.Tensor, V_s: torch.Tensor) -> torch.Tensor:
+    r"""Eq. (1) — the LoRA-X update of a source layer.
+
+    .. math:: W_s' = W_s + \Delta W_s, \qquad \Delta W_s = \bar U_s\, \Delta\Sigma_s\, \bar V_s^\top
+
+    Only :math:`\Delta\Sigma_s` is trained; a diagonal ``dSigma_s (r,)`` fine-tunes the top-r singular
+    values (r parameters per layer, against ``r_lora·(m+n)`` for a LoRA).
+    """
+    checks.same_device(U_s=U_s, dSigma_s=dSigma_s, V_s=V_s)
+    r = _bases(U_s, V_s, "_s")
+    checks.sigma("dSigma_s", dSigma_s, r)
+    checks.same_dtype(U_s=U_s, dSigma_s=dSigma_s, V_s=V_s)
+    if dSigma_s.ndim == 1:
+        return (U_s * dSigma_s) @ V_s.T  # (m, r)·diag(r) @ (r, n) -> (m, n)
+    return U_s @ dSigma_s @ V_s.T  # (m, r) @ (r, r) @ (r, n) -> (m, n)
+
+
+def project(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    r"""Eq. (2) — the two-sided projector onto the span of ``U`` (left) and ``V`` (right).
+
+    .. math:: \bar U_s \bar U_s^\top\, \Delta W_s\, \bar V_s \bar V_s^\top = \Delta W_s
+
+    holds for every LoRA-X update (Eq. (1)); a plain LoRA :math:`BA` does not satisfy it, and the energy
+    it has outside the subspace is what a transfer loses. Computed as ``U (Uᵀ dW V) Vᵀ`` so the
+    ``(m, m)`` and ``(n, n)`` projectors are never formed.
+    """
+    checks.same_device(dW=dW, U=U, V=V)
+    checks.matrix("dW", dW)
+    m, n = dW.shape
+    _bases(U, V, "", m, n)
+    checks.same_dtype(dW=dW, U=U, V=V)
+    core = U.T @ dW @ V  # (r, m) @ (m, n) @ (n, r) -> (r, r)
+    return U @ core @ V.T  # (m, r) @ (r, r) @ (r, n) -> (m, n)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Eq. (3): same-dimension transfer, and its ablation
+# ---------------------------------------------------------------------------------------------------
+
+
+def transfer_same_dim(dW_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor) -> torch.Tensor:
+    r"""Eq. (3) — projection form: transfer onto a target layer of the same shape.
+
+    .. math:: \Delta W_{t\leftarrow s} = U_t U_t^\top\, \Delta W_s\, V_t V_t^\top = U_t\, \Delta\Sigma_{t\leftarrow s}\, V_t^\top
+
+    The source bases enter only through ``dW_s`` (Eq. (1)). Needs ``m_s = m_t`` and ``n_s = n_t``;
+    other shapes raise (use :func:`transfer_mismatch`), they are never broadcast, padded or cropped.
+    """
+    checks.same_device(dW_s=dW_s, U_t=U_t, V_t=V_t)
+    checks.matrix("dW_s", dW_s)
+    checks.matrix("U_t", U_t)
+    checks.matrix("V_t", V_t)
+    m, n = dW_s.shape
+    m_t, n_t = U_t.shape[0], V_t.shape[0]
+    if (m, n) != (m_t, n_t):
+        raise LoraxInputError(
+            f"same-dimension transfer (Eq. (3)) needs the target layer to have the source shape: dW_s is "
+            f"{m}x{n} but U_t, V_t describe a {m_t}x{n_t} layer; use transfer_mismatch (§4.2.2) for different shapes"
+        )
+    return project(dW_s, U_t, V_t)  # (m, n)
+
+
+def transferred_sigma(
+    U_t: torch.Tensor, U_s: torch.Tensor, dSigma_s: torch.Tensor, V_s: torch.Tensor, V_t: torch.Tensor
+) -> torch.Tensor:
+    r"""Eq. (3) rotation form — the target coordinates of the transferred update.
+
+    .. math:: \Delta\Sigma_{t\leftarrow s} = U_t^\top \bar U_s\, \Delta\Sigma_s\, \bar V_s^\top V_t
+
+    :math:`U_t^\top \bar U_s` and :math:`\bar V_s^\top V_t` are r×r; their singular values are the cosines
+    of the principal angles between the subspaces, so they rotate (and shrink) the source coordinates.
+    The result is a full r×r matrix even when ``dSigma_s`` is diagonal; ``U_t @ dSigma_ts @ V_t.T``
+    equals :func:`transfer_same_dim` of the Eq. (1) update.
+    """
+    checks.same_device(U_t=U_t, U_s=U_s, dSigma_s=dSigma_s, V_s=V_s, V_t=V_t)
+    r_s = _bases(U_s, V_s, "_s")
+    _bases(U_t, V_t, "_t", U_s.shape[0], V_s.shape[0])
+    checks.sigma("dSigma_s", dSigma_s, r_s)
+    checks.same_dtype(U_t=U_t, U_s=U_s, dSigma_s=dSigma_s, V_s=V_s, V_t=V_t)
+    R_u = U_t.T @ U_s  # (r_t, m) @ (m, r_s) -> (r_t, r_s)
+    R_v = V_s.T @ V_t  # (r_s, n) @ (n, r_t) -> (r_s, r_t)
+    return R_u @ checks.as_full_sigma(dSigma_s) @ R_v  # (r_t, r_s) @ (r_s, r_s) @ (r_s, r_t) -> (r_t, r_t)
+
+
+def copy_sigma_transfer(U_t: torch.Tensor, dSigma_s: torch.Tensor, V_t: torch.Tensor) -> torch.Tensor:
+    r"""Table 5 ablation — copy :math:`\Delta\Sigma_s` into the target bases without rotating it.
+
+    .. math:: \Delta W_{\text{copy}} = U_t\, \Delta\Sigma_s\, V_t^\top
+
+    Pairs the i-th source direction with the i-th target direction, whatever their angle. The paper
+    reports a large quality drop against Eq. (3). For a full ``dSigma_s`` the result depends on the sign
+    convention of the bases (see :func:`lorax_ref.linalg.sign_convention`).
+    """
+    checks.same_device(U_t=U_t, dSigma_s=dSigma_s, V_t=V_t)
+    r = _bases(U_t, V_t, "_t")
+    checks.sigma("dSigma_s", dSigma_s, r)
+    checks.same_dtype(U_t=U_t, dSigma_s=dSigma_s, V_t=V_t)
+    return U_t @ checks.as_full_sigma(dSigma_s) @ V_t.T  # (m_t, r) @ (r, r) @ (r, n_t) -> (m_t, n_t)
+
+
+# ---------------------------------------------------------------------------------------------------
+# §4.2.2: different dimensions (the pseudo-inverse case)
+# ---------------------------------------------------------------------------------------------------
+
+
+def alignment_maps(
+    U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""§4.2.2 alignment maps — least-squares maps from the source to the target spaces.
+
+    .. math:: \hat P = \arg\min_P \lVert P \bar U_s - U_t \rVert_F^2 = U_t \bar U_s^{+} = U_t \bar U_s^\top,
+              \qquad \hat Q = \arg\min_Q \lVert Q \bar V_s - V_t \rVert_F^2 = V_t \bar V_s^\top
+
+    ``P Ū_s = U_t`` has m_t·m_s unknowns and m_t·r equations, so it is under-determined: the fit is
+    exact and the solution is not unique (``P̂ + Z(I − Ū_sŪ_sᵀ)`` fits as well). The minimum-norm
+    solution is the one ``pinv`` and ``lstsq`` return, and for a column-orthonormal ``Ū_s`` its
+    pseudo-inverse is ``Ū_sᵀ``. (A printed form with ``(Ū_sŪ_sᵀ)⁻¹`` is undefined: that matrix has rank r.)
+
+    Returns:
+        ``P (m_t, m_s)``, ``Q (n_t, n_s)``.
+    """
+    checks.same_device(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+    _bases(U_s, V_s, "_s")
+    _bases(U_t, V_t, "_t")
+    checks.same_rank(U_s=U_s, U_t=U_t)
+    checks.same_dtype(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+    P = U_t @ U_s.T  # (m_t, r) @ (r, m_s) -> (m_t, m_s);  Ū_s⁺ = Ū_sᵀ for orthonormal columns
+    Q = V_t @ V_s.T  # (n_t, r) @ (r, n_s) -> (n_t, n_s)
+    return P, Q
+
+
+def transfer_mismatch(
+    dW_s: torch.Tensor, U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
+) -> torch.Tensor:
+    r"""§4.2.2 — transfer between layers of different shapes through the aligned bases.
+
+    .. math:: \tilde U_s = \hat P \bar U_s, \quad \tilde V_s = \hat Q \bar V_s, \quad
+              C_s = \bar U_s^\top \Delta W_s \bar V_s, \quad
+              \Delta\Sigma_{t\leftarrow s} = U_t^\top \tilde U_s\, C_s\, \tilde V_s^\top V_t, \quad
+              \Delta W_{t\leftarrow s} = U_t\, \Delta\Sigma_{t\leftarrow s}\, V_t^\top
+
+    Because the least-squares fit is exact (``P̂Ū_s = U_t``), ``ΔΣ_{t←s} = C_s`` and the rule equals the
+    copy baseline :func:`copy_sigma_transfer` with ``C_s``: it does **not** reduce to Eq. (3) when the
+    shapes happen to match. It is meaningful when the target is (close to) an isometric embedding of the
+    source with separated singular values. Written out in full, not simplified, so each step can be read.
+    """
+    checks.same_device(dW_s=dW_s, U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+    checks.matrix("dW_s", dW_s)
+    m_s, n_s = dW_s.shape
+    _bases(U_s, V_s, "_s", m_s, n_s)
+    checks.same_dtype(dW_s=dW_s, U_s=U_s)
+    P, Q = alignment_maps(U_s, V_s, U_t, V_t)  # (m_t, m_s), (n_t, n_s)
+    U_al = P @ U_s  # (m_t, m_s) @ (m_s, r) -> (m_t, r)   aligned Ũ_s
+    V_al = Q @ V_s  # (n_t, n_s) @ (n_s, r) -> (n_t, r)   aligned Ṽ_s
+    C_s = U_s.T @ dW_s @ V_s  # (r, m_s) @ (m_s, n_s) @ (n_s, r) -> (r, r)
+    dSigma_ts = U_t.T @ U_al @ C_s @ V_al.T @ V_t  # (r, m_t)(m_t, r)(r, r)(r, n_t)(n_t, r) -> (r, r)
+    return U_t @ dSigma_ts @ V_t.T  # (m_t, r) @ (r, r) @ (r, n_t) -> (m_t, n_t)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Eq. (4): subspace similarity
+# ---------------------------------------------------------------------------------------------------
+
+
+def subspace_similarity(U_a: torch.Tensor, U_b: torch.Tensor) -> float:
+    r"""Eq. (4) — how much two r-dimensional subspaces overlap.
+
+    .. math:: \Phi(W_s, W_t) = \frac{\lVert \bar U_s^\top U_t \rVert_F^2}{r} = \frac1r \sum_{i=1}^r \cos^2\theta_i
+
+    with :math:`\theta_i` the principal angles. Φ = 1 for identical subspaces, about r/m for random ones,
+    and identically 1 when r = m (so truncation is mandatory). Apply it to left (U) or right (V) bases.
+    If the ranks differ, r = min(r_a, r_b), which keeps Φ in [0, 1] and symmetric.
+    """
+    checks.same_device(U_a=U_a, U_b=U_b)
+    checks.basis("U_a", U_a)
+    checks.basis("U_b", U_b, rows=U_a.shape[0])
+    checks.same_dtype(U_a=U_a, U_b=U_b)
+    r = min(U_a.shape[1], U_b.shape[1])
+    cross = (U_a.T @ U_b).double()  # (r_a, m) @ (m, r_b) -> (r_a, r_b), summed in float64
+    return float(cross.pow(2).sum()) / r
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plain LoRA in low-rank form, and one layer end to end
+# ---------------------------------------------------------------------------------------------------
+
+
+def transfer_lora(
+    B: torch.Tensor, A: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Eq. (3) low-rank form — the transfer of a plain LoRA :math:`\Delta W_s = B A`.
+
+    .. math:: B' = U_t U_t^\top B, \qquad A' = A\, V_t V_t^\top, \qquad B'A' = U_t U_t^\top (BA) V_t V_t^\top
+
+    The LoRA rank is kept and no ``(m, n)`` matrix is formed. Any LoRA scaling (α/r) stays with the
+    caller: apply it to ``B`` or to the product.
+    """
+    checks.same_device(B=B, A=A, U_t=U_t, V_t=V_t)
+    checks.matrix("B", B)
+    checks.matrix("A", A)
+    if B.shape[1] != A.shape[0]:
+        raise LoraxInputError(f"LoRA factors do not chain: B is {tuple(B.shape)} and A is {tuple(A.shape)} (need B (m, k), A (k, n))")
+    m, n = B.shape[0], A.shape[1]
+    _bases(U_t, V_t, "_t", m, n)
+    checks.same_dtype(B=B, A=A, U_t=U_t, V_t=V_t)
+    B_t = U_t @ (U_t.T @ B)  # (m, r) @ ((r, m) @ (m, k)) -> (m, k)
+    A_t = (A @ V_t) @ V_t.T  # ((k, n) @ (n, r)) @ (r, n) -> (k, n)
+    return B_t, A_t
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """What :func:`transfer_layer` did to one layer."""
+
+    case: str  # "same_dim" (Eq. (3)), "mismatch" (§4.2.2) or "copy" (Table 5 ablation)
+    r: int
+    shape_s: tuple[int, int]
+    shape_t: tuple[int, int]
+    phi_u: float | None  # Eq. (4) on the left bases; None when m_s != m_t
+    phi_v: float | None  # Eq. (4) on the right bases; None when n_s != n_t
+    phi: float | None  # the value the gate compares with the threshold (see ``side``)
+    side: str
+    threshold: float | None
+    gated: bool  # True: Φ fell below the threshold and the layer got no update
+    kept_energy: float  # ‖ΔW_{t←s}‖²_F / ‖ΔW_s‖²_F (NaN when ΔW_s = 0)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+SIDES = ("u", "v", "both", "mean")
+METHODS = ("auto", "lorax", "copy", "mismatch")
+
+
+def _gate_phi(phi_u: float | None, phi_v: float | None, side: str) -> float | None:
+    """The similarity the gate uses: one side, the min of both ("both"), or their mean."""
+    if side == "u":
+        return phi_u
+    if side == "v":
+        return phi_v
+    present = [p for p in (phi_u, phi_v) if p is not None]
+    if not present:
+        return None
+    return min(present) if side == "both" else sum(present) / len(present)
+
+
+def transfer_layer(
+    dW_s: torch.Tensor,
+    W_s: torch.Tensor,
+    W_t: torch.Tensor,
+    r: int,
+    threshold: float | None = None,
+    side: str = "both",
+    method: str = "auto",
+) -> tuple[torch.Tensor, TransferReport]:
+    r"""Layer transfer — one layer end to end: top-r bases, the right case, the Eq. (4) gate.
+
+    1. :math:`\bar U_s, \bar V_s` = ``svd_topk(W_s, r)`` and :math:`U_t, V_t` = ``svd_topk(W_t, r)``;
+    2. Φ_U, Φ_V by Eq. (4) wherever the two sides have the same dimension;
+    3. if ``threshold`` is given and the gate's Φ (``side``: ``"u"``, ``"v"``, ``"both"`` = min, ``"mean"``)
+       is below it, the layer gets a zero update (``gated=True``);
+    4. otherwise ``method``: ``"auto"`` = Eq. (3) for equal shapes, §4.2.2 for different shapes;
+       ``"lorax"`` = Eq. (3) (raises on different shapes); ``"copy"`` = the Table 5 ablation
+       ``U_t C_s V_tᵀ`` with ``C_s = Ū_sᵀ ΔW_s V̄_s``; ``"mismatch"`` = the §4.2.2 rule at any shapes.
+
+    Returns:
+        ``dW_t (m_t, n_t)`` in ``dW_s``'s dtype and a :class:`TransferReport`.
+    """
+    checks.same_device(dW_s=dW_s, W_s=W_s, W_t=W_t)
+    for name, x in (("dW_s", dW_s), ("W_s", W_s), ("W_t", W_t)):
+        checks.matrix(name, x)
+    checks.same_dtype(dW_s=dW_s, W_s=W_s, W_t=W_t)
+    if dW_s.shape != W_s.shape:
+        raise LoraxInputError(f"dW_s {tuple(dW_s.shape)} does not match its base weight W_s {tuple(W_s.shape)}")
+    if side not in SIDES:
+        raise LoraxInputError(f"side={side!r} is not one of {SIDES}")
+    if method not in METHODS:
+        raise LoraxInputError(f"method={method!r} is not one of {METHODS}")
+    checks.rank(r, *W_s.shape, name="r (source)")
+    checks.rank(r, *W_t.shape, name="r (target)")
+    same_shape = W_s.shape == W_t.shape
+    if method == "lorax" and not same_shape:
+        raise LoraxInputError(
+            f"method='lorax' (Eq. (3)) needs equal shapes, got source {tuple(W_s.shape)} and target "
+            f"{tuple(W_t.shape)}; use method='auto' or 'mismatch' (§4.2.2)"
+        )
+
+    U_s, _, V_s = svd_topk(W_s, r)  # (m_s, r), (n_s, r)
+    U_t, _, V_t = svd_topk(W_t, r)  # (m_t, r), (n_t, r)
+    phi_u = subspace_similarity(U_s, U_t) if U_s.shape[0] == U_t.shape[0] else None
+    phi_v = subspace_similarity(V_s, V_t) if V_s.shape[0] == V_t.shape[0] else None
+    phi = _gate_phi(phi_u, phi_v, side)
+    if threshold is not None and phi is None:
+        raise LoraxInputError(
+            f"cannot gate with side={side!r}: Eq. (4) needs equal dimensions on that side, but the source is "
+            f"{tuple(W_s.shape)} and the target {tuple(W_t.shape)}"
+        )
+
+    case = {"auto": "same_dim" if same_shape else "mismatch", "lorax": "same_dim"}.get(method, method)
+    gated = threshold is not None and phi < threshold
+    if gated:
+        dW_t = torch.zeros_like(W_t, dtype=dW_s.dtype)  # (m_t, n_t)
+    elif case == "same_dim":
+        dW_t = transfer_same_dim(dW_s, U_t, V_t)  # (m, n)
+    elif case == "mismatch":
+        dW_t = transfer_mismatch(dW_s, U_s, V_s, U_t, V_t)  # (m_t, n_t)
+    else:
+        C_s = U_s.T @ dW_s @ V_s  # (r, m_s) @ (m_s, n_s) @ (n_s, r) -> (r, r)
+        dW_t = copy_sigma_transfer(U_t, C_s, V_t)  # (m_t, n_t)
+
+    energy_s = _frob2(dW_s)
+    report = TransferReport(
+        case=case,
+        r=r,
+        shape_s=tuple(W_s.shape),
+        shape_t=tuple(W_t.shape),
+        phi_u=phi_u,
+        phi_v=phi_v,
+        phi=phi,
+        side=side,
+        threshold=threshold,
+        gated=bool(gated),
+        kept_energy=_frob2(dW_t) / energy_s if energy_s > 0 else math.nan,
+    )
+    return dW_t, report

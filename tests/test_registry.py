@@ -1,0 +1,45 @@
+"""The registry keeps "one function per equation" true mechanically."""
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from lorax_ref import EQUATIONS
+from lorax_ref.registry import lookup, slug
+from lorax_ref.errors import LoraxInputError
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = {p.name: p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_registry.py"}
+
+
+@pytest.mark.parametrize("label", list(EQUATIONS))
+def test_label_in_docstring(label):
+    doc = inspect.getdoc(EQUATIONS[label]) or ""
+    assert label in doc.splitlines()[0], f"{label!r} missing from the first line of the docstring"
+    assert ":math:" in doc or ".. math::" in doc, f"{label!r}: the docstring states no equation"
+
+
+@pytest.mark.parametrize("label", list(EQUATIONS))
+def test_every_equation_has_a_test(label):
+    name = EQUATIONS[label].__name__
+    users = [f for f, text in TESTS.items() if re.search(rf"\b{name}\(", text)]
+    assert users, f"no test calls {name} ({label})"
+
+
+def test_labels_and_slugs_are_unique_and_resolvable():
+    slugs = [slug(label) for label in EQUATIONS]
+    assert len(set(slugs)) == len(slugs)
+    for label, func in EQUATIONS.items():
+        assert lookup(label) == (label, func) == lookup(slug(label)) == lookup(func.__name__)
+    with pytest.raises(LoraxInputError, match="unknown equation 'eq9'; known: eq1 \\(Eq. \\(1\\)\\)"):
+        lookup("eq9")
+
+
+def test_readme_equation_table_is_in_step():
+    """Every label appears in the README table with its function, and the table has no stale rows."""
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and "`lorax_ref." in line]
+    for label, func in EQUATIONS.items():
+        assert any(f"| {label} |" in row and f"`lorax_ref.{func.__name__}`" in row for row in rows), label
+    assert len(rows) == len(EQUATIONS), "the README equation table has rows for labels not in the registry"
