@@ -31,7 +31,7 @@ import torch
 
 from . import checks
 from .errors import LoraxInputError
-from .linalg import svd_topk
+from .linalg import frob2, svd_topk
 
 
 def _bases(U: torch.Tensor, V: torch.Tensor, suffix: str, m: int | None = None, n: int | None = None) -> int:
@@ -39,11 +39,6 @@ def _bases(U: torch.Tensor, V: torch.Tensor, suffix: str, m: int | None = None, 
     checks.basis("U" + suffix, U, rows=m)
     checks.basis("V" + suffix, V, rows=n)
     return checks.same_rank(**{"U" + suffix: U, "V" + suffix: V})
-
-
-def _frob2(x: torch.Tensor) -> float:
-    """‖x‖_F² in float64 (energy ratios must not underflow in half precision)."""
-    return float(x.double().pow(2).sum())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -316,6 +311,8 @@ def transfer_layer(
        ``"lorax"`` = Eq. (3) (raises on different shapes); ``"copy"`` = the Table 5 ablation
        ``U_t C_s V_tᵀ`` with ``C_s = Ū_sᵀ ΔW_s V̄_s``; ``"mismatch"`` = the §4.2.2 rule at any shapes.
 
+    Steps 2-4 are :func:`transfer_layer_from_bases`, for callers that already have the bases (a cache).
+
     Returns:
         ``dW_t (m_t, n_t)`` in ``dW_s``'s dtype and a :class:`TransferReport`.
     """
@@ -325,54 +322,77 @@ def transfer_layer(
     checks.same_dtype(dW_s=dW_s, W_s=W_s, W_t=W_t)
     if dW_s.shape != W_s.shape:
         raise LoraxInputError(f"dW_s {tuple(dW_s.shape)} does not match its base weight W_s {tuple(W_s.shape)}")
+    _check_options(side, method, tuple(W_s.shape), tuple(W_t.shape))
+    checks.rank(r, *W_s.shape, name="r (source)")
+    checks.rank(r, *W_t.shape, name="r (target)")
+    U_s, _, V_s = svd_topk(W_s, r)  # (m_s, r), (n_s, r)
+    U_t, _, V_t = svd_topk(W_t, r)  # (m_t, r), (n_t, r)
+    return transfer_layer_from_bases(dW_s, U_s, V_s, U_t, V_t, threshold=threshold, side=side, method=method)
+
+
+def _check_options(side: str, method: str, shape_s: tuple, shape_t: tuple) -> None:
     if side not in SIDES:
         raise LoraxInputError(f"side={side!r} is not one of {SIDES}")
     if method not in METHODS:
         raise LoraxInputError(f"method={method!r} is not one of {METHODS}")
-    checks.rank(r, *W_s.shape, name="r (source)")
-    checks.rank(r, *W_t.shape, name="r (target)")
-    same_shape = W_s.shape == W_t.shape
-    if method == "lorax" and not same_shape:
+    if method == "lorax" and shape_s != shape_t:
         raise LoraxInputError(
-            f"method='lorax' (Eq. (3)) needs equal shapes, got source {tuple(W_s.shape)} and target "
-            f"{tuple(W_t.shape)}; use method='auto' or 'mismatch' (§4.2.2)"
+            f"method='lorax' (Eq. (3)) needs equal shapes, got source {shape_s} and target "
+            f"{shape_t}; use method='auto' or 'mismatch' (§4.2.2)"
         )
 
-    U_s, _, V_s = svd_topk(W_s, r)  # (m_s, r), (n_s, r)
-    U_t, _, V_t = svd_topk(W_t, r)  # (m_t, r), (n_t, r)
-    phi_u = subspace_similarity(U_s, U_t) if U_s.shape[0] == U_t.shape[0] else None
-    phi_v = subspace_similarity(V_s, V_t) if V_s.shape[0] == V_t.shape[0] else None
+
+def transfer_layer_from_bases(
+    dW_s: torch.Tensor,
+    U_s: torch.Tensor,
+    V_s: torch.Tensor,
+    U_t: torch.Tensor,
+    V_t: torch.Tensor,
+    threshold: float | None = None,
+    side: str = "both",
+    method: str = "auto",
+) -> tuple[torch.Tensor, TransferReport]:
+    """:func:`transfer_layer` with the top-r bases given (e.g. from an on-disk cache): steps 2-4."""
+    checks.same_device(dW_s=dW_s, U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+    checks.matrix("dW_s", dW_s)
+    r = _bases(U_s, V_s, "_s", *dW_s.shape)
+    _bases(U_t, V_t, "_t")
+    checks.same_rank(U_s=U_s, U_t=U_t)
+    shape_s, shape_t = (U_s.shape[0], V_s.shape[0]), (U_t.shape[0], V_t.shape[0])
+    _check_options(side, method, shape_s, shape_t)
+    phi_u = subspace_similarity(U_s, U_t) if shape_s[0] == shape_t[0] else None  # Eq. (4), left
+    phi_v = subspace_similarity(V_s, V_t) if shape_s[1] == shape_t[1] else None  # Eq. (4), right
     phi = _gate_phi(phi_u, phi_v, side)
     if threshold is not None and phi is None:
         raise LoraxInputError(
             f"cannot gate with side={side!r}: Eq. (4) needs equal dimensions on that side, but the source is "
-            f"{tuple(W_s.shape)} and the target {tuple(W_t.shape)}"
+            f"{shape_s} and the target {shape_t}"
         )
 
-    case = {"auto": "same_dim" if same_shape else "mismatch", "lorax": "same_dim"}.get(method, method)
+    case = {"auto": "same_dim" if shape_s == shape_t else "mismatch", "lorax": "same_dim"}.get(method, method)
     gated = threshold is not None and phi < threshold
     if gated:
-        dW_t = torch.zeros_like(W_t, dtype=dW_s.dtype)  # (m_t, n_t)
+        dW_t = torch.zeros(shape_t, dtype=dW_s.dtype, device=dW_s.device)  # (m_t, n_t)
     elif case == "same_dim":
-        dW_t = transfer_same_dim(dW_s, U_t, V_t)  # (m, n)
+        dW_t = transfer_same_dim(dW_s, U_t, V_t)  # (m, n)  Eq. (3)
     elif case == "mismatch":
-        dW_t = transfer_mismatch(dW_s, U_s, V_s, U_t, V_t)  # (m_t, n_t)
+        dW_t = transfer_mismatch(dW_s, U_s, V_s, U_t, V_t)  # (m_t, n_t)  §4.2.2
     else:
         C_s = U_s.T @ dW_s @ V_s  # (r, m_s) @ (m_s, n_s) @ (n_s, r) -> (r, r)
-        dW_t = copy_sigma_transfer(U_t, C_s, V_t)  # (m_t, n_t)
+        dW_t = copy_sigma_transfer(U_t, C_s, V_t)  # (m_t, n_t)  Table 5 ablation
 
-    energy_s = _frob2(dW_s)
+    energy_s = frob2(dW_s)
     report = TransferReport(
         case=case,
         r=r,
-        shape_s=tuple(W_s.shape),
-        shape_t=tuple(W_t.shape),
+        shape_s=shape_s,
+        shape_t=shape_t,
         phi_u=phi_u,
         phi_v=phi_v,
         phi=phi,
         side=side,
         threshold=threshold,
         gated=bool(gated),
-        kept_energy=_frob2(dW_t) / energy_s if energy_s > 0 else math.nan,
+        kept_energy=frob2(dW_t) / energy_s if energy_s > 0 else math.nan,
     )
     return dW_t, report

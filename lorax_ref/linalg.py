@@ -24,6 +24,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def frob2(x: torch.Tensor) -> float:
+    """‖x‖_F² accumulated in float64 (energy ratios must not underflow in half precision)."""
+    return float(x.double().pow(2).sum())
+
+
 def sign_convention(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip each pair ``(u_i, v_i)`` so that the largest-|·| entry of ``u_i`` is positive."""
     idx = U.abs().argmax(dim=0, keepdim=True)  # (1, r)
