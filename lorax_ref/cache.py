@@ -1,0 +1,157 @@
+r"""On-disk cache of the truncated bases :math:`W \approx \bar U \,\mathrm{diag}(\bar S)\, \bar V^\top`.
+
+Transferring an adapter needs the top-r SVD of every adapted base layer, source and target. That is the
+expensive part (a full SVD per layer); the adapter itself is cheap. The bases depend only on the base
+weight and on r, so they are cached on disk, keyed by
+
+    sha256 of the checkpoint file  ×  weight name  ×  r  ×  compute dtype
+
+and a second adapter transferred onto the same pair of checkpoints reads them back instead of recomputing.
+
+Safety, because a wrong basis silently gives a wrong adapter:
+
+* the key is the checkpoint's *content* hash, never its path, so an edited or replaced file misses;
+* every entry stores its key fields and a sha256 of its tensor bytes in the safetensors metadata; an entry
+  whose fields or digest do not match (a truncated write, a bit flip, a hash-prefix clash) is ignored and
+  recomputed, never trusted;
+* entries are written to a temporary name and renamed, so a crash never leaves half an entry;
+* the bases always come from :func:`lorax_ref.svd_topk` (same sign convention as the reference path).
+
+Layout: ``<root>/<sha256[:2]>/<sha256>/<readable name>-<name hash>.r<r>.<dtype>.safetensors``.
+The root is ``--cache-dir``, else ``$LORAX_CACHE_DIR``, else ``~/.cache/lorax_ref/bases``.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .linalg import svd_topk
+
+__all__ = ["BasisCache", "default_cache_dir", "CACHE_FORMAT"]
+
+CACHE_FORMAT = "lorax-bases-1"  # bump when svd_topk's conventions change: old entries then miss
+ENV_VAR = "LORAX_CACHE_DIR"
+
+_DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32"}
+
+
+def default_cache_dir() -> Path:
+    """``$LORAX_CACHE_DIR`` if set, else ``~/.cache/lorax_ref/bases`` (``$XDG_CACHE_HOME`` respected)."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "lorax_ref" / "bases"
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    """sha256 over the raw bytes of CPU tensors (detects truncated or corrupted entries)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class BasisCache:
+    """Get-or-compute top-r bases of checkpoint weights, persisted on disk.
+
+    ``BasisCache(None)`` (or ``enabled=False``) computes every time and stores nothing, so callers use one
+    code path with or without a cache. ``hits`` / ``misses`` count what happened (the CLI reports them).
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, enabled: bool = True):
+        self.enabled = enabled and root is not None
+        self.root = Path(root).expanduser() if root is not None else None
+        self.hits = 0
+        self.misses = 0
+
+    # -- keys ------------------------------------------------------------------------------------------
+    def path_for(self, sha256: str, name: str, r: int, dtype: torch.dtype) -> Path:
+        """Where the entry of (checkpoint sha256, weight name, r, dtype) lives."""
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ValueError(f"cache key needs a hex sha256, got {sha256!r}")
+        readable = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80]
+        name_hash = hashlib.sha256(name.encode()).hexdigest()[:12]  # names differing only in odd characters
+        return self.root / sha256[:2] / sha256 / f"{readable}-{name_hash}.r{r}.{_DTYPE_NAMES[dtype]}.safetensors"
+
+    def _fields(self, sha256: str, name: str, r: int, dtype: torch.dtype) -> dict[str, str]:
+        return {"format": CACHE_FORMAT, "sha256": sha256, "name": name, "r": str(r), "dtype": _DTYPE_NAMES[dtype]}
+
+    # -- read / write -------------------------------------------------------------------------------------
+    def load(self, sha256: str, name: str, r: int, dtype: torch.dtype = torch.float64):
+        """The cached ``(U (m, r), S (r,), V (n, r))`` on CPU, or None when absent or not trustworthy."""
+        if not self.enabled:
+            return None
+        path = self.path_for(sha256, name, r, dtype)
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                U, S, V = (f.get_tensor(k) for k in ("U", "S", "V"))
+        except Exception:  # unreadable entry: recompute (and overwrite) rather than fail or trust it
+            return None
+        expected = self._fields(sha256, name, r, dtype)
+        if any(meta.get(k) != v for k, v in expected.items()):
+            return None
+        if U.dtype != dtype or U.ndim != 2 or U.shape[1] != r or S.shape != (r,) or V.ndim != 2 or V.shape[1] != r:
+            return None
+        if meta.get("digest") != _digest(U, S, V):
+            return None
+        return U, S, V
+
+    def store(self, sha256: str, name: str, r: int, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
+        """Write one entry atomically (temporary file + rename); failures to write are not fatal."""
+        if not self.enabled:
+            return
+        from safetensors.torch import save_file
+
+        U, S, V = (t.detach().cpu().contiguous().clone() for t in (U, S, V))
+        path = self.path_for(sha256, name, r, U.dtype)
+        meta = dict(self._fields(sha256, name, r, U.dtype), digest=_digest(U, S, V))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+            os.close(fd)
+            try:
+                save_file({"U": U, "S": S, "V": V}, tmp, metadata=meta)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        except OSError:
+            pass  # a read-only or full disk only costs speed
+
+    # -- the one call transfer code uses ------------------------------------------------------------------
+    def bases(
+        self,
+        sha256: str,
+        name: str,
+        r: int,
+        load_weight: Callable[[], torch.Tensor],
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-r bases of weight ``name``: from disk when cached, else ``svd_topk(load_weight(), r)``.
+
+        ``load_weight`` is only called on a miss, so a fully cached transfer never reads the base weights.
+        Returns ``U (m, r)``, ``S (r,)``, ``V (n, r)`` in ``dtype`` on ``device``.
+        """
+        hit = self.load(sha256, name, r, dtype)
+        if hit is not None:
+            self.hits += 1
+            return tuple(t.to(device) for t in hit)
+        self.misses += 1
+        W = load_weight().to(device=device, dtype=dtype)  # (m, n)
+        U, S, V = svd_topk(W, r)  # (m, r), (r,), (n, r)
+        self.store(sha256, name, r, U, S, V)
+        return U, S, V

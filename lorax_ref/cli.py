@@ -1,0 +1,357 @@
+"""Command line: ``python -m lorax_ref {transfer,inspect,random-adapter,verify}`` (also ``lorax-ref``).
+
+Every subcommand is registered through :data:`SUBCOMMANDS`: a function ``add(subparsers)`` that adds its
+parser and sets ``func`` (``func(args) -> int`` exit code) with ``parser.set_defaults``. The ``verify``
+subcommand lives in :mod:`lorax_ref.conformance` (``add_verify_parser(subparsers)``) and is added only
+when that module exists.
+
+Errors: a bad input (unreadable or truncated file, bad JSON, missing or extra keys, shape mismatch,
+NaN, refused adapter type, existing output) prints one line ``lorax_ref: error: ...`` on stderr and
+exits with 1; ``--debug`` shows the traceback instead. Usage errors exit with 2 (argparse), Ctrl-C
+with 130. Inputs are only ever opened for reading; the output directory appears only when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+PROG = "python -m lorax_ref"
+
+
+def _float_or_none(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"the Φ threshold must be in [0, 1], got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# transfer
+# ---------------------------------------------------------------------------------------------------------
+
+TRANSFER_HELP = """\
+Transfer a LoRA (PEFT directory, kohya .safetensors) or a compact LoRA-X adapter trained on the
+source base model onto the target base model, layer by layer, with the LoRA-X equations:
+Eq. (3) U_t U_tᵀ ΔW V_t V_tᵀ for equal shapes, §4.2.2 for different shapes, an optional Eq. (4) gate.
+Writes DIR/ with the adapter (PEFT: adapter_config.json + adapter_model.safetensors; kohya: the input
+file name; LoRA-X: *.lorax.safetensors) and the report lorax_report.json / lorax_report.txt
+(Φ_U, Φ_V, case, gate decision and kept energy ‖ΔW_t‖²/‖ΔW_s‖² per layer).
+Base checkpoints: a packaged alias (minilm-l6, minilm-l6-int8, minilm-l3), a .safetensors or an .onnx
+file; pickles (.bin/.ckpt/.pt) only with --allow-pickle.
+"""
+
+
+def add_transfer_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("transfer", help="transfer an adapter to another base model",
+                              description=TRANSFER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source-base", required=True, metavar="S",
+                   help="checkpoint the adapter was trained on (alias, .safetensors or .onnx)")
+    p.add_argument("--target-base", required=True, metavar="T", help="checkpoint to transfer the adapter to")
+    p.add_argument("--adapter", required=True, metavar="A",
+                   help="PEFT adapter directory, kohya .safetensors, or compact LoRA-X .safetensors")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist unless --force)")
+    p.add_argument("--rank", type=_positive_int, default=None, metavar="R",
+                   help="LoRA-X rank r of the truncated bases U (m, r), V (n, r); default: the adapter's rank for a "
+                        "LoRA-X adapter, else 320 (the paper's); must be <= min(m, n) of every layer")
+    p.add_argument("--threshold", type=_float_or_none, default=None, metavar="TAU",
+                   help="Eq. (4) gate: layers with Φ < TAU get no update (left out of the output); default: no gate "
+                        "(ProLoRA uses 0.8)")
+    p.add_argument("--side", choices=["u", "v", "both", "mean"], default="both",
+                   help="which Φ the gate compares: left bases (u), right bases (v), min of both (both, default), mean")
+    p.add_argument("--method", choices=["auto", "lorax", "copy", "mismatch"], default="auto",
+                   help="auto (default): Eq. (3) for equal shapes, §4.2.2 for different; lorax: Eq. (3) only; "
+                        "copy: Table 5 ablation U_t C_s V_tᵀ (no rotation); mismatch: §4.2.2 at any shapes")
+    p.add_argument("--out-format", choices=["auto", "peft", "kohya", "lorax"], default="auto",
+                   help="auto (default): same as the input; peft: any input; kohya: kohya input only; lorax: the "
+                        "compact format (ΔΣ_{t←s} per layer + sha256 of the target)")
+    p.add_argument("--layer-map", metavar="JSON",
+                   help="JSON file {source weight name: target weight name} (without .weight) for targets whose "
+                        "layers are named differently, e.g. a shallower model")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists (never an input)")
+    p.add_argument("--ignore-base-hash", action="store_true",
+                   help="apply a LoRA-X adapter to a source checkpoint whose sha256 differs from the one it records")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickled checkpoints/adapters, loaded with torch.load(weights_only=True)")
+    p.add_argument("--cache-dir", metavar="D", default=None,
+                   help="basis cache directory (default: $LORAX_CACHE_DIR or ~/.cache/lorax_ref/bases)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached bases")
+    p.add_argument("--device", default=None,
+                   help="torch device for the float64 computation (default: $LORAX_DEVICE, else cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
+    p.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of the table")
+    _common(p)
+    p.set_defaults(func=cmd_transfer)
+    return p
+
+
+def _cache(args):
+    from .cache import BasisCache, default_cache_dir
+
+    if args.no_cache:
+        return BasisCache(None, enabled=False)
+    return BasisCache(args.cache_dir or default_cache_dir())
+
+
+def _protected_paths(args) -> list[Path]:
+    paths = [Path(args.adapter)]
+    for spec in (args.source_base, args.target_base):
+        if Path(spec).exists():
+            paths.append(Path(spec))
+    return paths
+
+
+def cmd_transfer(args) -> int:
+    from .adapters import (REPORT_JSON, REPORT_TXT, AdapterError, load_adapter, open_base, save_adapter,
+                           transfer_adapter, write_output_dir)
+
+    out = Path(args.out)
+    if out.exists() and not args.force:  # fail before any expensive work
+        raise AdapterError(f"output {out} already exists; pass --force to replace it")
+    layer_map = None
+    if args.layer_map:
+        try:
+            layer_map = json.loads(Path(args.layer_map).read_text())
+        except json.JSONDecodeError as exc:
+            raise AdapterError(f"{args.layer_map}: invalid JSON ({exc})") from None
+        if not isinstance(layer_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in layer_map.items()):
+            raise AdapterError(f"{args.layer_map}: expected a JSON object of strings {{source name: target name}}")
+        layer_map = {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in layer_map.items()}
+
+    adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
+    device = args.device or os.environ.get("LORAX_DEVICE") or "cpu"
+    cache = _cache(args)
+    with open_base(args.source_base, args.allow_pickle) as source, open_base(args.target_base, args.allow_pickle) as target:
+        result = transfer_adapter(
+            adapter, source, target, r=args.rank, threshold=args.threshold, side=args.side, method=args.method,
+            out_format=args.out_format, layer_map=layer_map, cache=cache, ignore_base_hash=args.ignore_base_hash,
+            device=device, progress=not args.quiet, target_name=args.target_base)
+    report = result.report()
+    report["command"] = ["transfer"] + [f"{k}={v}" for k, v in sorted(vars(args).items()) if k not in ("func",)]
+    table = result.table()
+
+    def fill(tmp: Path) -> None:
+        save_adapter(result.adapter, tmp)
+        (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / REPORT_TXT).write_text(table + "\n")
+
+    write_output_dir(out, fill, force=args.force, protect=_protected_paths(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif not args.quiet:
+        print(table)
+        print(f"wrote {result.adapter.format} adapter to {out} "
+              f"(bases: {cache.hits} cached, {cache.misses} computed)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inspect
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("inspect", help="summarise an adapter or a checkpoint",
+                              description="Summarise an adapter (PEFT directory, kohya or LoRA-X .safetensors) or a "
+                                          "base checkpoint (alias, .safetensors, .onnx): format, layers, ranks, "
+                                          "scaling, dtype, sha256.")
+    p.add_argument("file", metavar="FILE", help="adapter directory/file, checkpoint file or packaged alias")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickled files (torch.load(weights_only=True))")
+    p.add_argument("--all", action="store_true", help="list every layer, not only the first 20")
+    _common(p)
+    p.set_defaults(func=cmd_inspect)
+    return p
+
+
+def _is_adapter(path: Path) -> bool:
+    """True for a PEFT directory or a safetensors file that is not a plain checkpoint."""
+    from .adapters import LORAX_FORMAT, PEFT_CONFIG
+
+    if path.is_dir() or path.name == PEFT_CONFIG:
+        return True
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+    except Exception:
+        return True  # let the adapter reader produce the error message
+    return meta.get("format") == LORAX_FORMAT or any(
+        ".lora_" in k or ".hada_" in k or ".lokr_" in k or k.endswith(".alpha") for k in keys)
+
+
+def cmd_inspect(args) -> int:
+    from .adapters import load_adapter, open_base
+
+    path = Path(args.file)
+    if path.exists() and _is_adapter(path):
+        info = load_adapter(path, allow_pickle=args.allow_pickle).summary()
+        info["kind"] = "adapter"
+    else:
+        with open_base(args.file, args.allow_pickle) as ck:
+            keys = ck.keys()
+            shapes = {k: tuple(ck.shape(k)) for k in keys}
+            info = {
+                "kind": "checkpoint",
+                "path": str(ck.path),
+                "sha256": ck.sha256,
+                "format": Path(ck.path).suffix.lstrip("."),
+                "layers": len(keys),
+                "parameters_2d": sum(a * b for a, b in shapes.values()),
+                "shapes": {"x".join(map(str, s)): n for s, n in sorted(
+                    ((s, sum(1 for v in shapes.values() if v == s)) for s in set(shapes.values())),
+                    key=lambda kv: -kv[1])},
+                "modules": keys,
+            }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    modules = info.pop("modules")
+    for k, v in info.items():
+        print(f"{k:>20}: {v}")
+    shown = modules if args.all else modules[:20]
+    print(f"{'modules':>20}: {len(modules)}")
+    for m in shown:
+        print(f"{'':>22}{m}")
+    if len(shown) < len(modules):
+        print(f"{'':>22}… {len(modules) - len(shown)} more (--all)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# random-adapter (examples for the README and tests)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_random_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "random-adapter", help="write a seeded random adapter for a checkpoint (examples, tests)",
+        description="Write a reproducible random adapter for the weights of BASE matching --modules: a plain LoRA "
+                    "(peft/kohya, ‖ΔW‖_F = strength·‖W‖_F) or a LoRA-X adapter (lorax, ΔΣ = strength·σ_i·N(0,1) on "
+                    "the top-rank singular values). Not a trained adapter: for trying the transfer.")
+    p.add_argument("--base", required=True, help="checkpoint (alias, .safetensors or .onnx)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist unless --force)")
+    p.add_argument("--format", choices=["peft", "kohya", "lorax"], default="peft")
+    p.add_argument("--modules", default=r"attention\.self\.(query|value)",
+                   help="regular expression selecting the weights to adapt (default: attention query and value)")
+    p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (peft/kohya) or LoRA-X rank r (lorax)")
+    p.add_argument("--strength", type=float, default=0.1, help="relative size of the update (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], default="float32")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--cache-dir", metavar="D", default=None, help="basis cache directory (as for transfer)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write cached bases")
+    _common(p)
+    p.set_defaults(func=cmd_random)
+    return p
+
+
+def cmd_random(args) -> int:
+    import torch
+
+    from .adapters import open_base, random_adapter, save_adapter, write_output_dir
+
+    with open_base(args.base) as ck:
+        adapter = random_adapter(ck, args.format, args.modules, rank=args.rank, strength=args.strength,
+                                 seed=args.seed, dtype=getattr(torch, args.dtype), base_name=args.base,
+                                 cache=_cache(args))
+    protect = [Path(args.base)] if Path(args.base).exists() else []
+    write_output_dir(args.out, lambda tmp: save_adapter(adapter, tmp), force=args.force, protect=protect)
+    print(f"wrote a random {args.format} adapter ({len(adapter.layers)} layers, rank {args.rank}) to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry and entry point
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_verify_parser(subparsers):
+    """The ``verify`` subcommand of the conformance kit, when :mod:`lorax_ref.conformance` exists."""
+    if importlib.util.find_spec("lorax_ref.conformance") is None:
+        return None
+    from . import conformance
+
+    return conformance.add_verify_parser(subparsers)
+
+
+SUBCOMMANDS: list[Callable] = [add_transfer_parser, add_inspect_parser, add_random_parser, add_verify_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="LoRA-X reference: transfer adapters between base models, inspect files.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"lorax_ref {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return int(args.func(args) or 0)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("lorax_ref: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line; the traceback only with --debug
+        if debug:
+            raise
+        print(f"lorax_ref: error: {_describe(exc)}", file=sys.stderr)
+        return 1
+
+
+def _describe(exc: BaseException) -> str:
+    from .errors import LoraxInputError
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, LoraxInputError):
+        return text
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or text}: {exc.filename}" if getattr(exc, "filename", None) else text
+    if isinstance(exc, AssertionError):
+        return f"internal check failed: {text} (please report this)"
+    return f"{type(exc).__name__}: {text}"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
