@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 SITE   ?= site
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-slow lab clean
+.PHONY: setup demo test test-fast test-slow notebooks lab clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test-fast: $(STAMP)
 ## Slow reproductions (training scripts reproduce the saved adapters, full benchmarks).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest tests -m slow $(PYTEST_ARGS)
+
+## Maintainers: re-execute the committed notebooks in place after changing lorax_ref (no timing metadata).
+notebooks: $(STAMP)
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False notebooks/*.ipynb
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks

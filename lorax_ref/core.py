@@ -96,8 +96,7 @@ def transfer_same_dim(dW_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor) 
     """
     checks.same_device(dW_s=dW_s, U_t=U_t, V_t=V_t)
     checks.matrix("dW_s", dW_s)
-    checks.matrix("U_t", U_t)
-    checks.matrix("V_t", V_t)
+    _bases(U_t, V_t, "_t")  # a Vh passed as V is named as such before shapes are compared
     m, n = dW_s.shape
     m_t, n_t = U_t.shape[0], V_t.shape[0]
     if (m, n) != (m_t, n_t):

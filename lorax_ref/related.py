@@ -1,0 +1,174 @@
+r"""Two related closed-form transfer methods, kept apart from the paper's equations for comparison.
+
+* **ProLoRA** (Farhadzadeh et al., ICML 2025, arXiv 2506.04244) transfers *any* LoRA by splitting the
+  source update into a part inside the top-r source subspace and a part in its orthogonal complement
+  (the "null space"), and projecting each onto the matching target space. The two cross terms are dropped.
+* **Cross-LoRA** (Xia et al., arXiv 2508.05232) aligns the source bases to the target ones with the same
+  least-squares maps as LoRA-X §4.2.2 and then projects the update onto the aligned bases.
+
+Neither paper released code; both rules are rebuilt from the papers' summaries (see
+``shared/reference/lorax-math.md`` §3) and checked against independent numpy oracles in
+``tests/test_related.py``. None of these functions is in :data:`lorax_ref.EQUATIONS`: they are not LoRA-X.
+
+Notation as in :mod:`lorax_ref.core`: column-orthonormal bases ``U (m, r)``, ``V (n, r)``;
+:math:`P_\parallel = UU^\top`, :math:`P_\perp = I - UU^\top` on the left, :math:`Q_\parallel = VV^\top`,
+:math:`Q_\perp = I - VV^\top` on the right. The ``(m, m)`` and ``(n, n)`` projectors are never formed.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import checks
+from .core import alignment_maps, project
+from .errors import LoraxInputError
+from .linalg import frob2
+
+
+def _layer(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor, suffix: str) -> None:
+    """Check one layer: an update ``dW (m, n)`` and bases ``U (m, r)``, ``V (n, r)`` of that layer."""
+    checks.same_device(**{"dW" + suffix: dW, "U" + suffix: U, "V" + suffix: V})
+    checks.matrix("dW" + suffix, dW)
+    m, n = dW.shape
+    checks.basis("U" + suffix, U, rows=m)
+    checks.basis("V" + suffix, V, rows=n)
+    checks.same_rank(**{"U" + suffix: U, "V" + suffix: V})
+    checks.same_dtype(**{"dW" + suffix: dW, "U" + suffix: U, "V" + suffix: V})
+
+
+def _same_shape_target(dW_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor, method: str) -> None:
+    """Target bases of a layer with ``dW_s``'s shape (ProLoRA is a same-dimension rule)."""
+    checks.same_device(dW_s=dW_s, U_t=U_t, V_t=V_t)
+    checks.basis("U_t", U_t)
+    checks.basis("V_t", V_t)
+    checks.same_rank(U_t=U_t, V_t=V_t)
+    checks.same_dtype(dW_s=dW_s, U_t=U_t, V_t=V_t)
+    m_s, n_s = dW_s.shape
+    m_t, n_t = U_t.shape[0], V_t.shape[0]
+    if (m_s, n_s) != (m_t, n_t):
+        raise LoraxInputError(
+            f"{method} needs the target layer to have the source shape: dW_s is {m_s}x{n_s} but U_t, V_t describe "
+            f"a {m_t}x{n_t} layer"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# ProLoRA: subspace + null-space split
+# ---------------------------------------------------------------------------------------------------
+
+
+def subspace_split(
+    dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""The four blocks of an update relative to the subspaces of ``U`` and ``V``.
+
+    .. math:: \Delta W = \underbrace{P_\parallel \Delta W Q_\parallel}_{\text{subspace}}
+              + \underbrace{P_\parallel \Delta W Q_\perp + P_\perp \Delta W Q_\parallel}_{\text{cross terms}}
+              + \underbrace{P_\perp \Delta W Q_\perp}_{\text{null space}}
+
+    The blocks are mutually orthogonal in the Frobenius inner product, so their squared norms add up to
+    :math:`\lVert\Delta W\rVert_F^2`. A LoRA-X update (Eq. (1)) is all subspace block (Eq. (2)).
+
+    Returns:
+        ``(dW_pp, dW_pn, dW_np, dW_nn)``, each ``(m, n)``: ∥∥, ∥⊥, ⊥∥, ⊥⊥ (left index first).
+    """
+    _layer(dW, U, V, "")
+    left = U @ (U.T @ dW)  # (m, r) @ ((r, m) @ (m, n)) -> (m, n)   P_∥ ΔW
+    dW_pp = (left @ V) @ V.T  # ((m, n) @ (n, r)) @ (r, n) -> (m, n)   P_∥ ΔW Q_∥
+    dW_pn = left - dW_pp  # (m, n)   P_∥ ΔW Q_⊥
+    right = (dW @ V) @ V.T  # (m, n)   ΔW Q_∥
+    dW_np = right - dW_pp  # (m, n)   P_⊥ ΔW Q_∥
+    dW_nn = dW - left - right + dW_pp  # (m, n)   P_⊥ ΔW Q_⊥ = ΔW − P_∥ΔW − ΔWQ_∥ + P_∥ΔWQ_∥
+    return dW_pp, dW_pn, dW_np, dW_nn
+
+
+def null_project(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    r"""Two-sided projection onto the orthogonal complements ("null spaces") of ``U`` and ``V``.
+
+    .. math:: P_\perp \Delta W Q_\perp = (I - UU^\top)\, \Delta W\, (I - VV^\top)
+
+    The complement of :func:`lorax_ref.project` (Eq. (2)); it is zero for a LoRA-X update.
+    """
+    return subspace_split(dW, U, V)[3]  # (m, n)
+
+
+def cross_term_energy(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> float:
+    r"""The energy of the two cross terms that ProLoRA's split drops.
+
+    .. math:: \lVert P_\parallel \Delta W Q_\perp \rVert_F^2 + \lVert P_\perp \Delta W Q_\parallel \rVert_F^2
+              = \lVert \Delta W \rVert_F^2 - \lVert P_\parallel \Delta W Q_\parallel \rVert_F^2
+                - \lVert P_\perp \Delta W Q_\perp \rVert_F^2
+
+    When the target equals the source, this is exactly :math:`\lVert \Delta W - \Delta W_{\text{ProLoRA}}\rVert_F^2`.
+    """
+    _, dW_pn, dW_np, _ = subspace_split(dW, U, V)  # (m, n) each
+    return frob2(dW_pn) + frob2(dW_np)
+
+
+def prolora_transfer(
+    dW_s: torch.Tensor, U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
+) -> torch.Tensor:
+    r"""ProLoRA — transfer the subspace part and the null-space part of an update separately.
+
+    .. math:: \Delta W_{t\leftarrow s} = P^t_\parallel \big(P^s_\parallel \Delta W_s Q^s_\parallel\big) Q^t_\parallel
+              + P^t_\perp \big(P^s_\perp \Delta W_s Q^s_\perp\big) Q^t_\perp
+
+    with :math:`P^s_\parallel = \bar U_s \bar U_s^\top`, :math:`P^t_\parallel = U_t U_t^\top` (and likewise for
+    Q with V). The cross terms :math:`P^s_\parallel \Delta W_s Q^s_\perp` and :math:`P^s_\perp \Delta W_s
+    Q^s_\parallel` are dropped (:func:`cross_term_energy`). For a LoRA-X update the null part is zero and the
+    rule is Eq. (3). Same-dimension layers only; different shapes raise.
+    """
+    _layer(dW_s, U_s, V_s, "_s")
+    _same_shape_target(dW_s, U_t, V_t, "ProLoRA")
+    dW_pp, _, _, dW_nn = subspace_split(dW_s, U_s, V_s)  # (m, n) each: source subspace and null parts
+    par = project(dW_pp, U_t, V_t)  # (m, n)   P^t_∥ (·) Q^t_∥
+    null = null_project(dW_nn, U_t, V_t)  # (m, n)   P^t_⊥ (·) Q^t_⊥
+    return par + null  # (m, n)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cross-LoRA: least-squares alignment, then projection on the aligned bases
+# ---------------------------------------------------------------------------------------------------
+
+
+def cross_lora_alignment(
+    U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Cross-LoRA's "LoRA-Align" — the source bases carried into the target spaces.
+
+    .. math:: \tilde U_s = \hat P \bar U_s, \quad \tilde V_s = \hat Q \bar V_s, \qquad
+              \hat P = \arg\min_P \lVert P \bar U_s - U_t \rVert_F^2 = U_t \bar U_s^{+}
+
+    The maps are those of LoRA-X §4.2.2 (:func:`lorax_ref.alignment_maps`; Cross-LoRA computes them with
+    ``lstsq``, which returns the same minimum-norm solution). The fit is exact, so
+    :math:`\tilde U_s = U_t` and :math:`\tilde V_s = V_t` up to rounding, whatever the source.
+
+    Returns:
+        ``U_al (m_t, r)``, ``V_al (n_t, r)``.
+    """
+    P, Q = alignment_maps(U_s, V_s, U_t, V_t)  # (m_t, m_s), (n_t, n_s)
+    return P @ U_s, Q @ V_s  # (m_t, m_s) @ (m_s, r) -> (m_t, r);  (n_t, r)
+
+
+def cross_lora_transfer(
+    dW_s: torch.Tensor, U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
+) -> torch.Tensor:
+    r"""Cross-LoRA's "LoRA-Shift" — project the source update onto the aligned bases.
+
+    .. math:: \Delta W_{t\leftarrow s} = \tilde U_s \big(\tilde U_s^\top \Delta W_s \tilde V_s\big) \tilde V_s^\top
+
+    With the exact fit :math:`\tilde U_s = U_t`, :math:`\tilde V_s = V_t` this is Eq. (3) for layers of equal
+    shape. For different shapes :math:`\tilde U_s^\top \Delta W_s` is ``(r, m_t) @ (m_s, n_s)``: ill-typed,
+    so this raises. (The only well-typed reading, :math:`\hat P \Delta W_s \hat Q^\top = U_t C_s V_t^\top`, is
+    the §4.2.2 rule :func:`lorax_ref.transfer_mismatch`.)
+    """
+    _layer(dW_s, U_s, V_s, "_s")
+    m_s, n_s = dW_s.shape
+    U_al, V_al = cross_lora_alignment(U_s, V_s, U_t, V_t)  # (m_t, r), (n_t, r)
+    if (U_al.shape[0], V_al.shape[0]) != (m_s, n_s):
+        raise LoraxInputError(
+            f"Cross-LoRA's projection is ill-typed across shapes: the aligned bases live in the {U_al.shape[0]}x"
+            f"{V_al.shape[0]} target layer but dW_s is {m_s}x{n_s}, so Ũ_sᵀ ΔW_s cannot be formed; use "
+            f"lorax_ref.transfer_mismatch (§4.2.2), which is what P̂ ΔW_s Q̂ᵀ computes"
+        )
+    core = U_al.T @ dW_s @ V_al  # (r, m) @ (m, n) @ (n, r) -> (r, r)
+    return U_al @ core @ V_al.T  # (m, r) @ (r, r) @ (r, n) -> (m, n)
