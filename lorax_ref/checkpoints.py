@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib.metadata as metadata
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -43,14 +43,14 @@ from .errors import LoraxInputError
 
 __all__ = [
     "PACKAGED_MODELS",
-    "PackagedModel",
     "Checkpoint",
-    "SafetensorsCheckpoint",
     "OnnxCheckpoint",
-    "open_checkpoint",
-    "iter_layers",
-    "packaged_file",
+    "PackagedModel",
+    "SafetensorsCheckpoint",
     "file_sha256",
+    "iter_layers",
+    "open_checkpoint",
+    "packaged_file",
 ]
 
 
@@ -240,6 +240,9 @@ class Checkpoint:
     def __exit__(self, *exc):
         self.close()
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
     def __contains__(self, name: object) -> bool:
         return name in self._key_set
 
@@ -263,13 +266,13 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def __init__(self, path: Path):
         super().__init__(path)
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         try:
             self._file = safe_open(str(path), framework="pt")  # memory-mapped; nothing is read yet
-        except Exception as exc:  # safetensors raises its own error types
+        except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path.name} is not a readable safetensors file: {exc}") from None
-        slices = {k: self._file.get_slice(k) for k in self._file.keys()}
+        slices = {k: self._file.get_slice(k) for k in self._file.keys()}  # noqa: SIM118 (a file, not a dict)
         self._shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
         # weights = 2-D floating tensors (integer buffers such as BERT's position_ids are not layers)
         self._keys = [k for k, s in slices.items() if len(s.get_shape()) == 2 and s.get_dtype() in _FLOAT_DTYPES]
@@ -342,9 +345,11 @@ class OnnxCheckpoint(Checkpoint):
         except ImportError:
             raise CheckpointError("reading .onnx files needs the 'onnx' package: pip install onnx") from None
         self._numpy_helper = numpy_helper
+        from google.protobuf.message import DecodeError
+
         try:
             model = onnx.load(str(path))
-        except Exception as exc:
+        except (DecodeError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path.name} is not a readable ONNX file: {exc}") from None
         graph = model.graph
         self._inits = {t.name: t for t in graph.initializer}
@@ -391,9 +396,9 @@ class OnnxCheckpoint(Checkpoint):
         """The `X.bias` initializer added to the MatMul output (or Gemm's C input) names module `X`."""
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2].endswith(".bias"):
             return self._strip(node.input[2][: -len(".bias")])
-        for node in self._consumers.get(node.output[0], []):
-            if node.op_type == "Add":
-                for x in node.input:
+        for user in self._consumers.get(node.output[0], []):
+            if user.op_type == "Add":
+                for x in user.input:
                     if x in self._inits and x.endswith(".bias"):
                         return self._strip(x[: -len(".bias")])
         return None

