@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 SITE   ?= site
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-slow notebooks lab clean
+.PHONY: setup demo test test-fast test-slow notebooks train-adapters lab clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ test-slow: $(STAMP)
 ## Maintainers: re-execute the committed notebooks in place after changing lorax_ref (no timing metadata).
 notebooks: $(STAMP)
 	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.record_timing=False notebooks/*.ipynb
+
+## Retrain the real-task adapters of notebook 08 (minutes on 2 cores); --check compares with the saved ones.
+train-adapters: $(STAMP)
+	$(BIN)/python scripts/train_bbc_adapters.py
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks
