@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorax_ref import LoraxInputError
-from lorax_ref import fast
+from lorax_ref import LoraxInputError, fast
 
 TOL = 1e-6
 
@@ -73,7 +72,7 @@ def test_float32_eigenvectors_alone_miss_the_tolerance():
     expected = oracle(W_s, W_t, d, r)
 
     def f32_bases(W):
-        lam, X = torch.linalg.eigh((W.float() @ W.float().T))  # float32 Gram eigenvectors
+        lam, X = torch.linalg.eigh(W.float() @ W.float().T)  # float32 Gram eigenvectors
         U = X.flip(-1)[:, :r].double()
         V = W.T @ U / lam.flip(-1)[:r].double().sqrt()
         return U, V
@@ -121,7 +120,7 @@ def test_second_adapter_from_cached_bases(device):
     d1 = torch.randn(r, generator=g, dtype=torch.float64).to(device)
     d2 = torch.randn(r, r, generator=g, dtype=torch.float64).to(device)  # a full ΔΣ_s
     _, pair, _ = fast.transfer_fast(W_s, W_t, d1, r)
-    dW2, pair2, bound = fast.transfer_fast(W_s, W_t, d2, r, pair=pair)
+    dW2, pair2, _ = fast.transfer_fast(W_s, W_t, d2, r, pair=pair)
     assert pair2 is pair  # nothing recomputed
     assert rel_err(dW2, oracle(W_s, W_t, d2, r)) <= TOL
     ts = pair.dsigma_ts(d2)  # compact form, Eq. (3) rotation form
@@ -176,7 +175,7 @@ def test_inputs_are_not_modified_and_half_precision_works():
     W_s, W_t = W_s.half(), W_t.half()
     keep = W_s.clone(), W_t.clone()
     d = torch.randn(8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    dW_t, _, bound = fast.transfer_fast(W_s, W_t, d, 8, method="mixed")
+    dW_t, _, _ = fast.transfer_fast(W_s, W_t, d, 8, method="mixed")
     assert torch.equal(W_s, keep[0]) and torch.equal(W_t, keep[1])
     assert rel_err(dW_t, oracle(W_s, W_t, d, 8)) <= TOL  # exact for the fp16 values as stored
     assert dW_t.dtype == torch.float64
@@ -255,8 +254,30 @@ def test_cuda_keeps_tf32_setting_and_turns_it_off_inside():
     try:
         W_s, W_t = (w.cuda().float() for w in realistic(96, 128, seed=1))
         d = torch.randn(16, dtype=torch.float64, device="cuda")
-        dW_t, _, bound = fast.transfer_fast(W_s, W_t, d, 16, method="mixed")
+        dW_t, _, _ = fast.transfer_fast(W_s, W_t, d, 16, method="mixed")
         assert rel_err(dW_t, oracle(W_s, W_t, d, 16)) <= TOL
         assert torch.backends.cuda.matmul.allow_tf32 is True  # restored
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs_end_to_end(tmp_path):
+    """A small run of scripts/benchmark.py (one group per shape, tiny sweep, a 50 MB streaming test)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(script), "--threads", "1", "--models", "sd15", "--ranks", "64", "--subset", "1",
+           "--widths", "320", "640", "--ranks-sweep", "32", "64", "--sweep-width", "640", "--reps", "1",
+           "--device", "cpu", "--stream", "--stream-gb", "0.05", "--stream-dir", str(tmp_path / "st"), "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
+    res = json.loads(out.read_text())
+    model = res["runs"]["cpu"]["models"][0]
+    assert model["max_rel_dev_first"] <= TOL and model["max_rel_dev_second"] <= TOL
+    assert model["ratio_fast"] > 0 and len(model["groups"]) == 6
+    assert res["stream"]["spot_dev"] <= TOL and res["stream"]["max_bound"] <= TOL
+    assert len(res["runs"]["cpu"]["scaling"]["by_width"]) == 2
