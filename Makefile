@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 SITE   ?= site
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-slow notebooks train-adapters lab clean
+.PHONY: setup demo test test-fast test-slow notebooks train-adapters bench bench-full lab clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,14 @@ notebooks: $(STAMP)
 ## Retrain the real-task adapters of notebook 08 (minutes on 2 cores); --check compares with the saved ones.
 train-adapters: $(STAMP)
 	$(BIN)/python scripts/train_bbc_adapters.py
+
+## Fast-path benchmark, a few minutes: 2 layers per shape group, small scaling sweep (benchmark_results.json).
+bench: $(STAMP)
+	$(BIN)/python scripts/benchmark.py --quick --threads 2
+
+## The run recorded in notebooks/data/fast_path_benchmark.json (13 min on 2 cores; keep the machine idle).
+bench-full: $(STAMP)
+	$(BIN)/python scripts/benchmark.py --threads 2 --subset sdxl=8 --stream --out notebooks/data/fast_path_benchmark.json
 
 lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks

@@ -1000,7 +1000,8 @@ def transfer_adapter(
         "target_base": {"path": str(target.path), "sha256": sha_t},
         "settings": {"r": r, "threshold": threshold, "side": side, "method": method, "device": str(dev),
                      "compute_dtype": "float64"},
-        "cache": {"enabled": cache.enabled, "hits": cache.hits, "misses": cache.misses},
+        "cache": {"enabled": cache.enabled, "hits": cache.hits, "misses": cache.misses,
+                  "fast": getattr(cache, "fast", False), "methods": dict(getattr(cache, "methods", {}))},
     }
     return TransferResult(out, rows, info)
 

@@ -15,9 +15,11 @@ Safety, because a wrong basis silently gives a wrong adapter:
   whose fields or digest do not match (a truncated write, a bit flip, a hash-prefix clash) is ignored and
   recomputed, never trusted;
 * entries are written to a temporary name and renamed, so a crash never leaves half an entry;
-* the bases always come from :func:`lorax_ref.svd_topk` (same sign convention as the reference path).
+* the bases come from :func:`lorax_ref.svd_topk` (the reference), or with ``fast=True`` from
+  :func:`lorax_ref.fast.top_r_bases` (certified within 5e-7 of it, same sign convention); the two kinds
+  are stored under different names and never stand in for each other.
 
-Layout: ``<root>/<sha256[:2]>/<sha256>/<readable name>-<name hash>.r<r>.<dtype>.safetensors``.
+Layout: ``<root>/<sha256[:2]>/<sha256>/<readable name>-<name hash>.r<r>.<dtype>[.fast].safetensors``.
 The root is ``--cache-dir``, else ``$LORAX_CACHE_DIR``, else ``~/.cache/lorax_ref/bases``.
 """
 from __future__ import annotations
@@ -63,14 +65,18 @@ class BasisCache:
     """Get-or-compute top-r bases of checkpoint weights, persisted on disk.
 
     ``BasisCache(None)`` (or ``enabled=False``) computes every time and stores nothing, so callers use one
-    code path with or without a cache. ``hits`` / ``misses`` count what happened (the CLI reports them).
+    code path with or without a cache. ``hits`` / ``misses`` count what happened, ``methods`` how the
+    computed ones were made (the CLI reports them). ``fast=True`` computes with the certified fast path
+    (:func:`lorax_ref.fast.top_r_bases`: the reference SVD for any layer it cannot certify).
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, enabled: bool = True):
+    def __init__(self, root: str | os.PathLike | None = None, enabled: bool = True, fast: bool = False):
         self.enabled = enabled and root is not None
         self.root = Path(root).expanduser() if root is not None else None
+        self.fast = bool(fast)
         self.hits = 0
         self.misses = 0
+        self.methods: dict[str, int] = {}
 
     # -- keys ------------------------------------------------------------------------------------------
     def path_for(self, sha256: str, name: str, r: int, dtype: torch.dtype) -> Path:
@@ -79,10 +85,14 @@ class BasisCache:
             raise ValueError(f"cache key needs a hex sha256, got {sha256!r}")
         readable = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80]
         name_hash = hashlib.sha256(name.encode()).hexdigest()[:12]  # names differing only in odd characters
-        return self.root / sha256[:2] / sha256 / f"{readable}-{name_hash}.r{r}.{_DTYPE_NAMES[dtype]}.safetensors"
+        kind = ".fast" if self.fast else ""
+        return self.root / sha256[:2] / sha256 / f"{readable}-{name_hash}.r{r}.{_DTYPE_NAMES[dtype]}{kind}.safetensors"
 
     def _fields(self, sha256: str, name: str, r: int, dtype: torch.dtype) -> dict[str, str]:
-        return {"format": CACHE_FORMAT, "sha256": sha256, "name": name, "r": str(r), "dtype": _DTYPE_NAMES[dtype]}
+        fields = {"format": CACHE_FORMAT, "sha256": sha256, "name": name, "r": str(r), "dtype": _DTYPE_NAMES[dtype]}
+        if self.fast:
+            fields["bases"] = "fast"
+        return fields
 
     # -- read / write -------------------------------------------------------------------------------------
     def load(self, sha256: str, name: str, r: int, dtype: torch.dtype = torch.float64):
@@ -141,7 +151,8 @@ class BasisCache:
         dtype: torch.dtype = torch.float64,
         device: torch.device | str = "cpu",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-r bases of weight ``name``: from disk when cached, else ``svd_topk(load_weight(), r)``.
+        """Top-r bases of weight ``name``: from disk when cached, else ``svd_topk(load_weight(), r)``
+        (``fast.top_r_bases`` with ``fast=True``).
 
         ``load_weight`` is only called on a miss, so a fully cached transfer never reads the base weights.
         Returns ``U (m, r)``, ``S (r,)``, ``V (n, r)`` in ``dtype`` on ``device``.
@@ -152,6 +163,13 @@ class BasisCache:
             return tuple(t.to(device) for t in hit)
         self.misses += 1
         W = load_weight().to(device=device, dtype=dtype)  # (m, n)
-        U, S, V = svd_topk(W, r)  # (m, r), (r,), (n, r)
+        if self.fast:
+            from .fast import top_r_bases
+
+            b = top_r_bases(W, r)  # certified, else the reference SVD (b.cert.method == "svd")
+            U, S, V, method = b.U.to(dtype), b.S.to(dtype), b.V.to(dtype), b.cert.method  # (m, r), (r,), (n, r)
+        else:
+            (U, S, V), method = svd_topk(W, r), "svd"  # (m, r), (r,), (n, r)
+        self.methods[method] = self.methods.get(method, 0) + 1
         self.store(sha256, name, r, U, S, V)
         return U, S, V

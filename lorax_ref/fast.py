@@ -48,7 +48,8 @@ passes over W to reach 1e-9, against the two float64 passes of step 2.
 Second adapter on the same base pair: the bases and the two r×r rotations
 :math:`R_U = U_t^\top\bar U_s`, :math:`R_V = \bar V_s^\top V_t` are kept in a :class:`LayerPair`; a new
 :math:`\Delta\Sigma_s` then costs :math:`O(r^3)` for :math:`\Delta\Sigma_{t\leftarrow s}` (the compact
-LoRA-X result) plus one m×r×n product if the dense :math:`\Delta W_{t\leftarrow s}` is wanted.
+LoRA-X result), :math:`O((m+n)r)` for the LoRA factors (:meth:`LayerPair.factors`), plus one m×r×n
+product if the dense :math:`\Delta W_{t\leftarrow s}` is wanted.
 
 Everything is torch: it runs on CUDA (batched over same-shaped layers) as well as on CPU. TF32 is
 switched off inside these functions: a TF32 Gram matrix would lose ~3 digits the Newton step cannot
@@ -57,9 +58,10 @@ call per core: the tridiagonal reduction inside ``eigh`` gains little from a sec
 
 Where the time goes (``scripts/benchmark.py``, 2-core CPU, one thread, 1280×1280, r = 320): the float32
 ``eigh`` ~40 %, the k×k Rayleigh–Ritz ~18 %, the two float64 passes ~15 %, the Gram matrix ~10 %. The
-``eigh`` is the one cubic step left; it is why the first transfer is 1.6–3× (not 5×) faster than two
-full SVDs per layer on that machine, while a second adapter (cached :class:`LayerPair`) costs one
-m×r×n product, or O(r³) in the compact form.
+``eigh`` is the one cubic step left; it is why the first transfer is 1.6–2.9× (one thread) or 1.8–3.3×
+(both cores) faster than two full SVDs per layer on that machine, not 5×, while a second adapter
+(cached :class:`LayerPair`) costs its LoRA factors in O((m+n)r), O(r³) in the compact form, or one
+m×r×n product for the dense matrix.
 """
 from __future__ import annotations
 
@@ -566,16 +568,24 @@ class LayerPair:
 
     ``R_u`` = :math:`U_t^\top\bar U_s` and ``R_v`` = :math:`\bar V_s^\top V_t` (r×r) turn a new
     :math:`\Delta\Sigma_s` into :math:`\Delta\Sigma_{t\leftarrow s} = R_U\,\Delta\Sigma_s\,R_V` in O(r³).
+    ``U_rot`` = :math:`U_tR_U = U_tU_t^\top\bar U_s` and ``V_rot`` = :math:`V_tR_V^\top = V_tV_t^\top\bar V_s`
+    are the source singular vectors projected on the target subspaces, so that Eq. (3) reads
+    :math:`\Delta W_{t\leftarrow s} = U_{rot}\,\Delta\Sigma_s\,V_{rot}^\top`: a LoRA pair
+    (:meth:`factors`) in O((m+n)r) for a diagonal ΔΣ_s, and the dense matrix in one m×r×n product.
     """
 
     source: Bases
     target: Bases
     R_u: torch.Tensor = field(init=False)  # (r, r)
     R_v: torch.Tensor = field(init=False)  # (r, r)
+    U_rot: torch.Tensor = field(init=False)  # (m, r)
+    V_rot: torch.Tensor = field(init=False)  # (n, r)
 
     def __post_init__(self):
         self.R_u = self.target.U.T @ self.source.U  # (r, m) @ (m, r) -> (r, r)
         self.R_v = self.source.V.T @ self.target.V  # (r, n) @ (n, r) -> (r, r)
+        self.U_rot = self.target.U @ self.R_u  # (m, r) @ (r, r) -> (m, r)
+        self.V_rot = self.target.V @ self.R_v.T  # (n, r) @ (r, r) -> (n, r)
 
     @property
     def r(self) -> int:
@@ -592,9 +602,20 @@ class LayerPair:
             return (self.R_u * d) @ self.R_v  # (r, r)·diag(r) @ (r, r) -> (r, r)
         return self.R_u @ d @ self.R_v  # (r, r)
 
+    def factors(self, dSigma_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""LoRA factors ``B (m, r)``, ``A (r, n)`` with :math:`BA = \Delta W_{t\leftarrow s} = U_{rot}\,\Delta\Sigma_s\,V_{rot}^\top`.
+
+        What an adapter file stores (``lora_B``, ``lora_A``); float64, O((m+n)r) for a diagonal ΔΣ_s. Both
+        are new tensors: writing into them cannot corrupt the cached bases.
+        """
+        d = self._check_sigma(dSigma_s)
+        B = self.U_rot * d if d.ndim == 1 else self.U_rot @ d  # (m, r)·diag(r) or (m, r) @ (r, r) -> (m, r)
+        return B, self.V_rot.T.clone(memory_format=torch.contiguous_format)  # (m, r), (r, n)
+
     def delta_w(self, dSigma_s: torch.Tensor) -> torch.Tensor:
-        r"""Dense :math:`\Delta W_{t\leftarrow s} = U_t\,\Delta\Sigma_{t\leftarrow s}\,V_t^\top` (m, n), float64."""
-        return (self.target.U @ self.dsigma_ts(dSigma_s)) @ self.target.V.T  # (m, r) @ (r, n) -> (m, n)
+        r"""Dense :math:`\Delta W_{t\leftarrow s} = U_{rot}\,\Delta\Sigma_s\,V_{rot}^\top` (m, n), float64: one m×r×n product."""
+        B, A = self.factors(dSigma_s)  # (m, r), (r, n)
+        return B @ A  # (m, n)
 
     def bound(self, dSigma_s: torch.Tensor, dSigma_ts: torch.Tensor | None = None) -> float:
         r"""Certified bound on :math:`\lVert\Delta\hat W_{t\leftarrow s} - \Delta W_{t\leftarrow s}\rVert_F/\lVert\Delta W_{t\leftarrow s}\rVert_F`.
@@ -681,7 +702,7 @@ def transfer_fast(
     if not bound <= tol:  # NaN-safe: anything not certified goes to the reference
         pair = pair.to_reference("both", W_s, W_t)
         ts, bound = pair.dsigma_ts(dSigma_s), 0.0
-    result = (pair.target.U @ ts) @ pair.target.V.T if dense else ts  # (m, n) or (r, r)
+    result = pair.delta_w(dSigma_s) if dense else ts  # (m, n) or (r, r)
     return result, pair, bound
 
 

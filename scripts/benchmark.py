@@ -192,7 +192,7 @@ def run_group(shape, count, n_timed, r, args, device, gen):
     m, n = shape
     k0 = min(m, n)
     pool = (fast.haar_basis(m, k0, gen), fast.haar_basis(n, k0, gen))  # reused with permutations + signs
-    t_loop, t_fast, t_cached, t_compact, t_floor = (Timer(device) for _ in range(5))
+    t_loop, t_fast, t_cached, t_factored, t_compact, t_floor = (Timer(device) for _ in range(6))
     dev1 = dev2 = bound_max = 0.0
     methods: dict[str, int] = {}
     peak_loop = peak_fast = 0.0
@@ -232,16 +232,18 @@ def run_group(shape, count, n_timed, r, args, device, gen):
             methods[key] = methods.get(key, 0) + 1
         del outs, refs
 
-        # second adapter, cached bases: dense and compact
+        # second adapter, cached bases: dense ΔW, LoRA factors (B, A) with BA = ΔW, compact ΔΣ
         with t_cached:
             dense2 = [pair.delta_w(d) for pair, d in zip(pairs, d2)]
+        with t_factored:
+            factored2 = [pair.factors(d) for pair, d in zip(pairs, d2)]
         with t_compact:
             compact2 = [pair.dsigma_ts(d) for pair, d in zip(pairs, d2)]
-        for pair, dW2, ts2, d, (U_s, V_s, U_t, V_t) in zip(pairs, dense2, compact2, d2, ref_bases):
+        for pair, dW2, (B2, A2), ts2, d, (U_s, V_s, U_t, V_t) in zip(pairs, dense2, factored2, compact2, d2, ref_bases):
             ref2 = transfer_same_dim(lorax_delta(U_s, d, V_s), U_t, V_t)
-            dev2 = max(dev2, rel(dW2, ref2))
+            dev2 = max(dev2, rel(dW2, ref2), rel(B2 @ A2, ref2))
             bound_max = max(bound_max, pair.bound(d, ts2))
-        del dense2, compact2
+        del dense2, factored2, compact2
 
         # the floor: one pass W @ Ω with r columns (float64)
         Om = torch.randn(n, r, generator=gen, dtype=torch.float64).to(device)
@@ -254,9 +256,11 @@ def run_group(shape, count, n_timed, r, args, device, gen):
     return {
         "shape": list(shape), "r": r, "count": count, "timed": n_timed,
         "loop_s_per_layer": per(t_loop), "fast_s_per_layer": per(t_fast),
-        "cached_s_per_layer": per(t_cached), "cached_compact_s_per_layer": per(t_compact),
+        "cached_s_per_layer": per(t_cached), "cached_factored_s_per_layer": per(t_factored),
+        "cached_compact_s_per_layer": per(t_compact),
         "floor_s_per_layer": per(t_floor),
         "ratio_fast": t_loop.total / t_fast.total, "ratio_cached": t_loop.total / t_cached.total,
+        "ratio_cached_factored": t_loop.total / max(t_factored.total, 1e-9),
         "ratio_cached_compact": t_loop.total / max(t_compact.total, 1e-9),
         "fast_in_floors": t_fast.total / t_floor.total, "cached_in_floors": t_cached.total / t_floor.total,
         "max_rel_dev_first": dev1, "max_rel_dev_second": dev2, "max_bound": bound_max,
@@ -290,25 +294,28 @@ def run_model(name, r, args, device, gen):
         print(f"  {name} r={r:<4d} {shape!s:>13s} x{count:<4d} (timed {n_timed:>3d}) "
               f"loop {row['loop_s_per_layer']*1e3:8.1f} ms  fast {row['fast_s_per_layer']*1e3:7.1f} ms "
               f"({row['ratio_fast']:5.1f}x)  cached {row['cached_s_per_layer']*1e3:6.2f} ms ({row['ratio_cached']:6.1f}x) "
-              f"compact {row['cached_compact_s_per_layer']*1e6:6.0f} us  floor {row['floor_s_per_layer']*1e3:6.2f} ms  "
+              f"factors {row['cached_factored_s_per_layer']*1e6:6.0f} us  compact {row['cached_compact_s_per_layer']*1e6:6.0f} us  floor {row['floor_s_per_layer']*1e3:6.2f} ms  "
               f"dev {row['max_rel_dev_first']:.1e}/{row['max_rel_dev_second']:.1e} bound {row['max_bound']:.1e} "
               f"peak {row['peak_mb_loop']:.0f}/{row['peak_mb_fast']:.0f} MB  {row['methods']}", flush=True)
     tot = {key: sum(row[f"{key}_s_per_layer"] * row["count"] for row in rows)
-           for key in ("loop", "fast", "cached", "cached_compact", "floor")}
+           for key in ("loop", "fast", "cached", "cached_factored", "cached_compact", "floor")}
     summary = {
         "model": name, "r": r, "layers": sum(row["count"] for row in rows),
         "timed_layers": sum(row["timed"] for row in rows),
         "extrapolated": any(row["timed"] < row["count"] for row in rows),
         "total_s": tot,
         "ratio_fast": tot["loop"] / tot["fast"], "ratio_cached": tot["loop"] / tot["cached"],
+        "ratio_cached_factored": tot["loop"] / max(tot["cached_factored"], 1e-9),
         "ratio_cached_compact": tot["loop"] / max(tot["cached_compact"], 1e-9),
+        "ratio_floor": tot["loop"] / tot["floor"],
         "max_rel_dev_first": max(row["max_rel_dev_first"] for row in rows),
         "max_rel_dev_second": max(row["max_rel_dev_second"] for row in rows),
         "max_bound": max(row["max_bound"] for row in rows),
         "groups": rows,
     }
     print(f"  == {name} r={r}: loop {tot['loop']:.1f} s, fast {tot['fast']:.1f} s ({summary['ratio_fast']:.1f}x), "
-          f"cached {tot['cached']:.2f} s ({summary['ratio_cached']:.0f}x), compact {tot['cached_compact']*1e3:.1f} ms "
+          f"cached {tot['cached']:.2f} s ({summary['ratio_cached']:.0f}x; floor {summary['ratio_floor']:.0f}x), "
+          f"factors {tot['cached_factored']*1e3:.1f} ms ({summary['ratio_cached_factored']:.0f}x), compact {tot['cached_compact']*1e3:.1f} ms "
           f"({summary['ratio_cached_compact']:.0f}x){' [extrapolated from a subset]' if summary['extrapolated'] else ''}",
           flush=True)
     return summary

@@ -332,6 +332,39 @@ def test_cache_second_run_reads_bases(world, tmp_path, capsys):
         assert torch.equal(v, load_file(str(tmp_path / "out1/adapter_model.safetensors"))[k])
 
 
+def test_fast_bases_agree_with_the_reference_and_are_cached_apart(tmp_path, capsys):
+    """--fast: certified bases ("mixed" above 384 wide, "gram64" below); the adapter within 1e-6 of the
+    reference run; fast and reference entries never stand in for each other in the cache."""
+    from lorax_ref import fast
+
+    g = torch.Generator().manual_seed(5)
+    pairs = {name: fast.synthetic_pair(m, n, g) for name, (m, n) in {"blk.attn.q": (448, 512), "blk.attn.k": (320, 400)}.items()}
+    src = _write_ckpt(tmp_path / "s.safetensors", {k: p[0] for k, p in pairs.items()})
+    tgt = _write_ckpt(tmp_path / "t.safetensors", {k: p[1] for k, p in pairs.items()})
+    assert main(["random-adapter", "--base", str(src), "--format", "peft", "--modules", "attn", "--rank", "4",
+                 "--out", str(tmp_path / "ad"), "--no-cache"]) == 0
+    capsys.readouterr()
+    cache = tmp_path / "cache"
+
+    def run(out, *extra):
+        code, stdout, err = _run(["transfer", "--source-base", src, "--target-base", tgt, "--adapter", tmp_path / "ad",
+                                  "--out", tmp_path / out, "--rank", 16, "--cache-dir", cache, "--json", *extra], capsys)
+        assert code == 0, err
+        return json.loads(stdout)["cache"], _peft_deltas(tmp_path / out)
+
+    c_fast, fast_deltas = run("fast", "--fast")
+    assert c_fast["fast"] and c_fast["misses"] == 4 and c_fast["methods"] == {"mixed": 2, "gram64": 2}
+    c_ref, ref_deltas = run("ref")
+    assert not c_ref["fast"] and c_ref["misses"] == 4 and c_ref["hits"] == 0  # fast entries are not reused
+    c_again, again = run("fast2", "--fast")
+    assert c_again["hits"] == 4 and c_again["misses"] == 0
+    assert set(fast_deltas) == set(ref_deltas) == {"blk.attn.q", "blk.attn.k"}
+    for name, ref in ref_deltas.items():
+        diff = np.linalg.norm(fast_deltas[name] - ref) / np.linalg.norm(ref)
+        assert diff <= 1e-6, (name, diff)  # other bases (methods above), same adapter after float32 storage
+        assert np.array_equal(again[name], fast_deltas[name])
+
+
 def test_layer_map_for_renamed_target(world, tmp_path, capsys):
     renamed = _write_ckpt(tmp_path / "renamed.safetensors", {"dec.3.q": TARGET["enc.0.attn.q"]})
     adapter = tmp_path / "one"

@@ -68,6 +68,19 @@ def test_nan_and_inf(value, count):
     assert torch.isnan(bad).any() or torch.isinf(bad).any()  # the input was not "repaired"
 
 
+def test_finite_entries_whose_sum_overflows_are_accepted():
+    """The NaN/Inf check starts from one sum; a sum that overflows on finite entries must not fail it."""
+    from lorax_ref import checks
+
+    big = torch.full((4, 4), 6e4, dtype=torch.float16)  # the sum (9.6e5) overflows float16, the entries do not
+    assert not torch.isfinite(big.sum())
+    checks.finite("W", big)  # no error
+    big[1, 1] = float("-inf")
+    raises(r"W contains 0 NaN and 1 Inf entries", checks.finite, "W", big)
+    mixed = torch.tensor([[float("inf"), float("-inf")], [1.0, float("nan")]])  # inf − inf: the sum is NaN
+    raises(r"W contains 1 NaN and 2 Inf entries", checks.finite, "W", mixed)
+
+
 def test_same_dimension_transfer_refuses_other_shapes():
     msg = raises(r"dW_s is 8x6 but U_t, V_t describe a 10x6 layer", L.transfer_same_dim, dW_s, U_b, V_b)
     assert "transfer_mismatch" in msg

@@ -130,6 +130,29 @@ def test_second_adapter_from_cached_bases(device):
     assert torch.allclose(compact, ts)
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_lora_factors_of_the_transferred_adapter(device, full):
+    """factors(): B (m, r), A (r, n) with BA = ΔW_t (the oracle), A's rows = V_t V_tᵀ v̄_s (no ΔΣ in A)."""
+    r, (m, n) = 12, (80, 56)
+    W_s, W_t = (w.to(device) for w in realistic(m, n, seed=11))
+    g = torch.Generator().manual_seed(12)
+    d = torch.randn(*((r, r) if full else (r,)), generator=g, dtype=torch.float64).to(device)
+    pair = fast.pair_bases(W_s, W_t, r)
+    B, A = pair.factors(d)
+    assert B.shape == (m, r) and A.shape == (r, n) and B.device.type == device.type
+    assert rel_err(B @ A, oracle(W_s, W_t, d, r)) <= TOL
+    d0 = d.clone()
+    B_other, A_other = pair.factors(2 * d)  # linear in ΔΣ_s; A does not depend on it; d itself untouched
+    assert torch.equal(A_other, A) and torch.allclose(B_other, 2 * B) and torch.equal(d, d0)
+    # A's rows are the source's right singular vectors projected on the target's right subspace
+    V_s, V_t = pair.source.V, pair.target.V
+    assert torch.allclose(A, (V_t @ (V_t.T @ V_s)).T, atol=1e-12)
+    A.zero_()  # the factors are the caller's: the cached pair is untouched
+    assert torch.allclose(pair.factors(d)[1], A_other) and rel_err(pair.delta_w(d), oracle(W_s, W_t, d, r)) <= TOL
+    with pytest.raises(LoraxInputError, match="dSigma_s"):
+        pair.factors(torch.ones(r + 1, dtype=torch.float64, device=device))
+
+
 def test_full_rank_r_goes_to_the_reference_under_auto():
     """r = min(m, n) needs the smallest singular values too: a Gram matrix would square their range."""
     W_s, W_t = realistic(48, 80, seed=9)
