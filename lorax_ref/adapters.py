@@ -1001,7 +1001,7 @@ def transfer_adapter(
         "settings": {"r": r, "threshold": threshold, "side": side, "method": method, "device": str(dev),
                      "compute_dtype": "float64"},
         "cache": {"enabled": cache.enabled, "hits": cache.hits, "misses": cache.misses,
-                  "fast": getattr(cache, "fast", False), "methods": dict(getattr(cache, "methods", {}))},
+                  "fast": cache.fast, "methods": dict(cache.methods)},
     }
     return TransferResult(out, rows, info)
 
