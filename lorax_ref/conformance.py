@@ -746,7 +746,8 @@ def _eq3_contraction(call, ex):
     return None
 
 
-def _eq3_sign_flips(call, ex):
+def _call_with_flipped_targets(call, ex):
+    """``(D, result, result with (u_i, v_i) of the target multiplied by D_ii = ±1)`` or a Failure."""
     i = ex.inputs
     D = _flip(ex.aux["flip_seed"], i["U_t"].shape[1])
     base = call(i)
@@ -755,6 +756,14 @@ def _eq3_sign_flips(call, ex):
     flipped = call({**i, "U_t": i["U_t"] * D, "V_t": i["V_t"] * D})
     if isinstance(flipped, CallError):
         return Failure("with flipped bases: " + flipped.message)
+    return D, base, flipped
+
+
+def _eq3_sign_flips(call, ex):
+    got = _call_with_flipped_targets(call, ex)
+    if isinstance(got, Failure):
+        return got
+    D, base, flipped = got
     return _compare(flipped, base, ("ΔW_t←s",), ex, TOL,
                     f"flipping the signs {D.astype(int).tolist()} of the pairs (u_i, v_i) changed the result: ", hints=False)
 
@@ -814,14 +823,10 @@ def _rot_identity(call, ex):
 
 
 def _rot_sign_covariant(call, ex):
-    i = ex.inputs
-    D = _flip(ex.aux["flip_seed"], i["U_t"].shape[1])
-    base = call(i)
-    if isinstance(base, CallError):
-        return Failure(base.message)
-    flipped = call({**i, "U_t": i["U_t"] * D, "V_t": i["V_t"] * D})
-    if isinstance(flipped, CallError):
-        return Failure("with flipped bases: " + flipped.message)
+    got = _call_with_flipped_targets(call, ex)
+    if isinstance(got, Failure):
+        return got
+    D, base, flipped = got
     return _compare(flipped, [D[:, None] * base[0] * D[None, :]], ("ΔΣ_t←s",), ex, TOL,
                     f"flipping target pairs by D = diag({D.astype(int).tolist()}) must give D·ΔΣ_t←s·D: ")
 
