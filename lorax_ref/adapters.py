@@ -542,11 +542,12 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    # save_file refuses non-contiguous tensors and shared storage: give each tensor its own buffer
+    # safetensors refuses non-contiguous tensors and shared storage: give each tensor its own buffer
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata={k: str(v) for k, v in metadata.items()})
+    data = save(tensors, metadata={k: str(v) for k, v in metadata.items()})
+    path.write_bytes(data)  # open(2) with the user's umask (safetensors' save_file makes every file 0o600)
 
 
 def _kernel(t: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -1309,6 +1310,11 @@ def random_adapter(
     if not stems:
         raise AdapterError(f"no weight of the base matches {pattern!r}")
     layers = []
+    for stem in stems:
+        if fmt == LORAX and not rank <= min(index.shape(stem)):
+            m, n = index.shape(stem)
+            raise AdapterError(f"rank {rank} is out of range for weight {stem!r} of shape {m}x{n}: a LoRA-X adapter "
+                               f"needs 1 <= rank <= {min(m, n)}")
     for stem in stems:
         if fmt == LORAX:  # the same bases a transfer uses (and caches)
             _, S, _ = cache.bases(base.sha256, stem, rank, lambda: index.load(stem))  # (rank,)

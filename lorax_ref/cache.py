@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from . import checks
 from .linalg import svd_topk
 
 __all__ = ["BasisCache", "default_cache_dir", "CACHE_FORMAT"]
@@ -184,6 +185,7 @@ class BasisCache:
             return (*(t.to(device) for t in hit[:3]), hit[3])
         self.misses += 1
         W = load_weight().to(device=device, dtype=dtype)  # (m, n)
+        checks.rank(r, *W.shape)
         sigma_next = None
         if self.fast:
             from .fast import top_r_bases
