@@ -64,6 +64,7 @@ from tqdm import tqdm
 
 from . import checks
 from .core import METHODS, SIDES, lorax_delta, transfer_layer_from_bases, transfer_lora
+from .device import parse_device
 from .errors import LoraxInputError
 from .linalg import spectrum_warnings
 
@@ -1100,6 +1101,10 @@ def transfer_adapter(
         layer_map: source weight stem → target weight stem, for targets whose layers are named differently.
         cache: a :class:`lorax_ref.cache.BasisCache` (None: compute every basis).
         ignore_base_hash: apply a LoRA-X adapter to a source checkpoint other than the one it records.
+
+    Every option and every layer's shapes are checked before the first SVD. A layer whose source or target
+    top-r subspace is not unique (zero weight, rank < r, σ_r = σ_{r+1}) is transferred and named in its
+    row's ``warnings``; a transferred factor that does not fit the adapter's dtype (fp16) is refused.
     """
     from .cache import BasisCache
 
@@ -1114,8 +1119,6 @@ def transfer_adapter(
     if layer_map is not None and not (isinstance(layer_map, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in layer_map.items())):
         raise AdapterError("layer_map must be a dict {source weight name: target weight name} of strings")
-    from .device import parse_device
-
     device = parse_device(device, "device")
     layer_map = dict(layer_map or {})
     fmt_in = adapter.format

@@ -163,6 +163,9 @@ def _inputs(adapter: str | None = None, bases: tuple = (), files: tuple = ()) ->
     return paths + [Path(f) for f in files if f]
 
 
+LAYER_MAP_MAX_BYTES = 64 << 20  # far above any real layer map (one short line per layer); never read /dev/zero
+
+
 def _read_layer_map(spec: str) -> dict[str, str]:
     """--layer-map: a JSON object {source weight name: target weight name}, from a regular file."""
     from .adapters import AdapterError
@@ -181,9 +184,6 @@ def _read_layer_map(spec: str) -> dict[str, str]:
     if not isinstance(layer_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in layer_map.items()):
         raise AdapterError(f"{spec}: expected a JSON object of strings {{source name: target name}}")
     return {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in layer_map.items()}
-
-
-LAYER_MAP_MAX_BYTES = 64 << 20
 
 
 def cmd_transfer(args) -> int:
