@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -97,9 +98,10 @@ def _execute_natively(path: Path) -> None:
                     str(path)], check=True, capture_output=True, cwd=path.parent)
 
 
-def _nbval(folder: Path) -> subprocess.CompletedProcess:
+def _nbval(folder: Path, numerics: str = "other1") -> subprocess.CompletedProcess:
+    env = {**os.environ, "LORAX_NBVAL_NUMERICS": numerics}
     return subprocess.run([sys.executable, "-m", "pytest", "--nbval", "--nbval-current-env", "-p", "no:cacheprovider",
-                           "-q", str(folder)], capture_output=True, text=True, cwd=folder)
+                           "-q", str(folder)], capture_output=True, text=True, cwd=folder, env=env)
 
 
 def _checked_folder(tmp_path: Path) -> Path:
@@ -134,8 +136,10 @@ def test_a_digit_that_another_machine_would_print_differently_fails(tmp_path):
     setup = "import numpy as np\nA = np.random.default_rng(0).standard_normal((30, 20))\ns = np.linalg.svd(A, compute_uv=False)"
     _notebook(folder / "fragile.ipynb", [setup, 'print(f"{s[-1]:.17g}")'])
     _execute_natively(folder / "fragile.ipynb")
-    failing = _nbval(folder)
-    assert failing.returncode == 1 and "Cell 1" in failing.stdout, failing.stdout[-3000:]
+    for numerics in ("other1", "other2"):
+        failing = _nbval(folder, numerics)
+        assert failing.returncode == 1 and "Cell 1" in failing.stdout, (numerics, failing.stdout[-3000:])
+    assert _nbval(folder, "native").returncode == 0  # the machine that recorded it agrees with itself
     _notebook(folder / "fragile.ipynb", [setup, 'print(f"{s[-1]:.6g}")'])
     _execute_natively(folder / "fragile.ipynb")
     passing = _nbval(folder)
