@@ -39,8 +39,10 @@ unit roundoff, so a float32 computation fails the default run. In a lower precis
 a case is ``√k`` for a case whose largest dimension is ``k`` (rounding errors of length-k sums), times
 ``√k · σ₁ / (σ_r − σ_{r+1})`` of the worse of ``W_s`` and ``W_t`` when the candidate computes its own SVD
 (the SVD's backward error grows with the size, and the top-r subspace moves by it over the relative
-spectral gap). Right implementations of every equation computed in float32, float16 and bfloat16 stay
-below 5·u·κ on the kit's cases (measured on 300 cases per equation and format), a third of the tolerance.
+spectral gap; between layers of different shapes, where §4.2.2 pairs singular vectors one by one, the
+smallest gap ``σ_i − σ_{i+1}``, ``i ≤ r``, replaces ``σ_r − σ_{r+1}``). Right implementations of every
+equation computed in float32, float16 and bfloat16 stay below 5·u·κ on the kit's cases (measured on 300
+cases per equation and format), a third of the tolerance.
 
 **Where the candidate runs.** A function object (``check(fn, ...)``: closures, lambdas, functions
 holding CUDA tensors — no pickling) is called in one persistent daemon thread of this process, and the
@@ -113,7 +115,8 @@ class Precision:
 
     with :math:`\kappa = \sqrt{k}` for a case whose largest dimension is ``k``, times
     :math:`\sqrt{k}\,\max_{W \in \{W_s, W_t\}} \sigma_1(W) / (\sigma_r(W) - \sigma_{r+1}(W))` where the candidate
-    computes the SVD itself (:func:`_kappa`). Right implementations computed in that precision stay below
+    computes the SVD itself (at different shapes the smallest gap :math:`\sigma_i - \sigma_{i+1}, i \le r`;
+    :func:`_kappa`). Right implementations computed in that precision stay below
     ``5·u·κ`` on the kit's cases; ``tests/test_conformance.py`` asserts below ``LOW_PRECISION_FACTOR / 2``.
     """
 
@@ -858,16 +861,22 @@ def _expect(call: "_Runner", ex: Example, expected: list, what: str = "", **kw) 
 
 def _kappa(spec: "Spec", inputs: dict) -> float:
     """The conditioning κ of a case (see :class:`Precision`): √k for the largest dimension k; for a candidate
-    that computes the SVD of ``W_s``, ``W_t`` itself, times √k · σ₁ / (σ_r − σ_{r+1}) of the worse of the two."""
+    that computes the SVD of ``W_s``, ``W_t`` itself, times √k · σ₁ / gap of the worse of the two.
+
+    The gap is σ_r − σ_{r+1} at equal shapes (Eq. (3) needs the top-r subspace only) and the smallest of
+    σ_i − σ_{i+1}, i ≤ r, at different shapes (§4.2.2 pairs the i-th singular vectors one by one).
+    """
     k = max((max(v.shape) for v in inputs.values() if isinstance(v, np.ndarray) and v.ndim), default=1)
     kappa = float(np.sqrt(k))
     if spec.own_svd:
-        r, gap = int(inputs["r"]), 1.0
+        r, worst = int(inputs["r"]), 1.0
+        same_shape = inputs["W_s"].shape == inputs["W_t"].shape
         for W in (inputs["W_s"], inputs["W_t"]):
-            s = np.linalg.svd(W, compute_uv=False)  # (min(m, n),) descending
-            below = s[r] if r < s.size else 0.0  # σ_{r+1}, 0 when r = min(m, n)
-            gap = max(gap, float(s[0] / max(s[r - 1] - below, np.finfo(np.float64).tiny)))
-        kappa *= float(np.sqrt(k)) * gap  # the SVD's backward error grows with k; the subspace moves by it over the gap
+            s = np.append(np.linalg.svd(W, compute_uv=False), 0.0)  # (min(m, n) + 1,) descending, σ past the end = 0
+            gaps = s[:r] - s[1:r + 1]  # σ_i − σ_{i+1}, i = 1..r
+            gap = gaps[-1] if same_shape else gaps.min()
+            worst = max(worst, float(s[0] / max(gap, np.finfo(np.float64).tiny)))
+        kappa *= float(np.sqrt(k)) * worst  # the SVD's backward error grows with k; vectors move by it over the gap
     return kappa
 
 

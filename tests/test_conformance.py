@@ -159,6 +159,10 @@ def test_tolerance_rule_and_conditioning_against_an_independent_computation():
     W_t = U[:, :5] @ np.diag([1.0, 0.5, 0.1, 0.05, 0.01]) @ V.T  # σ₁ / (σ₂ − σ₃) = 2.5
     inputs = dict(dW_s=rng.standard_normal((9, 5)), W_s=W_s, W_t=W_t, r=2)
     assert C._kappa(C.SPECS["Layer transfer"], inputs) == pytest.approx(9 * 20.0)  # √9 · √9 · 20
+    # between shapes the singular vectors are paired one by one: the smallest gap σ_i − σ_{i+1}, i ≤ r, counts
+    U7, _ = np.linalg.qr(rng.standard_normal((7, 5)))
+    W_t7 = U7 @ np.diag([1.0, 0.98, 0.5, 0.2, 0.1]) @ V.T  # (7, 5): σ₁ / (σ₂ − σ₃) = 2.08, but σ₁ / (σ₁ − σ₂) = 50
+    assert C._kappa(C.SPECS["Layer transfer"], {**inputs, "W_t": W_t7}) == pytest.approx(9 * 50.0)
     assert C._kappa(C.SPECS["Eq. (3)"], dict(dW_s=inputs["dW_s"], U_t=U[:, :2], V_t=V[:, :2])) == pytest.approx(3.0)
     assert C.PRECISIONS["float32"].rtol(3.0, False) == 16 * 2.0**-24 * 3.0
     assert C.PRECISIONS["bfloat16"].rtol(2.0, True) == 16 * 2.0**-8 * 2.0
