@@ -89,19 +89,20 @@ def test_precision_entries_pass_at_their_precision(entry):
     default = gallery_result(entry.name)
     assert not default.passed and default.diagnosis == "lower precision", str(default)
     dtype = entry.fixed_by.dtype
-    # The diagnosis names the most precise format whose tolerance the errors fit: bfloat16 rounding
-    # (u_bf16 = 8·u₁₆) often fits float16's 16·u₁₆·κ, and the kit then suggests float16, rightly.
+    # The diagnosis names the most precise format whose tolerance the errors fit (within half of it, if a
+    # lower format allows that): bfloat16 rounding (u_bf16 = 8·u₁₆) often fits float16's 16·u₁₆·κ too,
+    # and then the kit says float16 — and float16 passes.
     suggested = default.suggestion.dtype
     assert suggested in {"float32": ["float32"], "float16": ["float16"], "bfloat16": ["float16", "bfloat16"]}[dtype]
     assert f"formula right at {suggested} precision" in default.diagnosis_message
     assert f"use --dtype {suggested} (Adapter(dtype='{suggested}'))" in default.diagnosis_message
-    for adapter in {entry.fixed_by, default.suggestion}:
-        fixed = run(entry.func, entry.equation, adapter)
-        assert fixed.passed and fixed.diagnosis == "pass", str(fixed)
-        assert f"every check passed at {adapter.dtype} precision" in fixed.diagnosis_message
-        assert "tolerance: " + C.PRECISIONS[adapter.dtype].rule(C.SPECS[entry.equation].own_svd) in str(fixed)
-        ratio_of_tolerance = fixed.largest_error[1] / C.LOW_PRECISION_FACTOR
-        assert 0 < ratio_of_tolerance < 0.5, fixed.largest_error  # rounding was seen, well inside the tolerance
+    assert run(entry.func, entry.equation, default.suggestion).passed
+    fixed = run(entry.func, entry.equation, entry.fixed_by)
+    assert fixed.passed and fixed.diagnosis == "pass", str(fixed)
+    assert f"every check passed at {dtype} precision" in fixed.diagnosis_message
+    assert "tolerance: " + C.PRECISIONS[dtype].rule(C.SPECS[entry.equation].own_svd) in str(fixed)
+    ratio_of_tolerance = fixed.largest_error[1] / C.LOW_PRECISION_FACTOR
+    assert 0 < ratio_of_tolerance < 0.5, fixed.largest_error  # rounding was seen, well inside the tolerance
 
 
 def test_a_dtype_error_on_float64_is_retried_at_lower_precision():
