@@ -454,6 +454,34 @@ def test_files_sha256_detects_changes(tmp_path):
     assert files_sha256(p) != before
 
 
+def test_peft_output_names_a_base_transformers_can_load(tmp_path):
+    """base_model_name_or_path: the directory holding config.json + model.safetensors, else None (never a file
+    path or an alias); a task-less config gets auto_mapping from the config's architectures.
+    (tests/test_peft_interop.py loads such outputs with peft and transformers.)"""
+    W = {"l.0.q": spectral(8, 6, 0)}
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    hf = write_ckpt(model_dir / "model.safetensors", W)
+    (model_dir / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    bare = write_ckpt(tmp_path / "weights.safetensors", W)
+    with open_base(str(bare)) as ck_bare, open_base(str(hf)) as ck_hf:
+        ad = random_adapter(ck_bare, "peft", ".", rank=2)
+        assert ad.config["base_model_name_or_path"] is None and ad.config["auto_mapping"] is None
+        assert random_adapter(ck_hf, "peft", ".", rank=2).config["base_model_name_or_path"] == str(model_dir.resolve())
+        res = transfer_adapter(ad, ck_bare, ck_hf, r=4, target_name=str(hf))
+        assert res.adapter.config["base_model_name_or_path"] == str(model_dir.resolve())
+        assert res.adapter.config["auto_mapping"] == {"base_model_class": "BertModel", "parent_library": "transformers"}
+        assert res.report()["target_base"] == {"spec": str(hf), "path": str(hf), "sha256": ck_hf.sha256}
+        assert json.loads(res.adapter.metadata["lorax_ref_transfer"])["target_sha256"] == ck_hf.sha256
+        ad.config["task_type"] = "FEATURE_EXTRACTION"  # the task type names the class: no auto_mapping added
+        cfg = transfer_adapter(ad, ck_bare, ck_hf, r=4).adapter.config
+        assert cfg["task_type"] == "FEATURE_EXTRACTION" and cfg["auto_mapping"] is None
+        assert transfer_adapter(ad, ck_hf, ck_bare, r=4).adapter.config["base_model_name_or_path"] is None
+    (model_dir / "config.json").write_text("{not json")  # transformers could not load it either
+    with open_base(str(bare)) as ck_bare, open_base(str(hf)) as ck_hf:
+        assert transfer_adapter(ad, ck_bare, ck_hf, r=4).adapter.config["base_model_name_or_path"] is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_transfer_on_cuda_matches_cpu(tmp_path):
