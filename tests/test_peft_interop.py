@@ -304,6 +304,10 @@ def test_transferred_config_keeps_the_input_and_names_the_target(world):
                 is transformers.BertModel
     alpha_in = json.loads((world.alpha / "adapter_config.json").read_text())
     alpha_out = json.loads((world.out["alpha"] / "adapter_config.json").read_text())
+    rslora_in = json.loads((world.rslora / "adapter_config.json").read_text())
+    # the inputs are what the cases claim: α ≠ r with patterns, and rsLoRA
+    assert (alpha_in["r"], alpha_in["lora_alpha"], alpha_in["rank_pattern"]) == (4, 12, {"intermediate.dense": 2})
+    assert rslora_in["use_rslora"] is True and rslora_in["r"] != rslora_in["lora_alpha"]
     assert alpha_out["peft_version"] == alpha_in["peft_version"]  # peft's own fields are passed on
     assert alpha_out["use_rslora"] is False and alpha_out["lora_alpha"] == 12
     assert json.loads((world.out["rslora"] / "adapter_config.json").read_text())["use_rslora"] is True
