@@ -24,9 +24,10 @@ demo: $(STAMP)
 	$(BIN)/python scripts/build_site.py --execute --out $(SITE)
 	@echo "open $(SITE)/index.html in a browser (works offline)"
 
-## The whole suite: unit/property tests, CLI, strict nbval over the committed notebooks, browser test.
+## The whole suite: unit/property tests, CLI, browser test, and strict nbval over the committed notebooks
+## under two sets of other numerics, side by side (scripts/run_tests.py, notebooks/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest tests notebooks --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg $(PYTEST_ARGS)
+	$(BIN)/python scripts/run_tests.py $(PYTEST_ARGS)
 
 ## Unit and property tests only (no notebooks).
 test-fast: $(STAMP)

@@ -43,13 +43,17 @@ PEFT adapter is transposed into that orientation and back.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import socket
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -58,8 +62,11 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
-from .core import lorax_delta, transfer_layer_from_bases, transfer_lora
+from . import checks
+from .core import METHODS, SIDES, lorax_delta, transfer_layer_from_bases, transfer_lora
+from .device import parse_device
 from .errors import LoraxInputError
+from .linalg import spectrum_warnings
 
 __all__ = [
     "AdapterError",
@@ -159,14 +166,28 @@ class LoraLayer:
         return replace(
             self,
             module=self.module if module is None else module,
-            B=B.to(device="cpu", dtype=self.dtype).contiguous().clone(),  # (m, k)
-            A=A.to(device="cpu", dtype=self.dtype).contiguous().clone(),  # (k, n)
+            B=_cast_output(B, self.dtype, "B (lora_B / lora_up)"),  # (m, k)
+            A=_cast_output(A, self.dtype, "A (lora_A / lora_down)"),  # (k, n)
         )
 
     def delta(self, dtype=torch.float64) -> torch.Tensor:
         """ΔW in the checkpoint's orientation, ``(m, n)``."""
         L, R = self.stored_factors(dtype)
         return self.scale * (L @ R)  # (m, k) @ (k, n) -> (m, n)
+
+
+def _cast_output(t: torch.Tensor, dtype: torch.dtype, what: str,
+                 hint: str = "convert the adapter to float32 first") -> torch.Tensor:
+    """``t`` on CPU in the output dtype; refused when a finite value becomes Inf there (fp16 ends at 65504),
+    so that no written file holds an Inf that the math in float64 never had."""
+    out = t.detach().to(device="cpu", dtype=dtype).contiguous().clone()
+    bad = ~torch.isfinite(out)
+    if bool(bad.any()):
+        name = str(dtype).replace("torch.", "")
+        raise AdapterError(
+            f"{what} does not fit {name}: {int(bad.sum())} of {out.numel()} entries overflow (largest |value| "
+            f"{float(t.detach().abs().max()):.4g} > {torch.finfo(dtype).max:.4g}); {hint}")
+    return out
 
 
 @dataclass
@@ -306,6 +327,18 @@ def _pattern_value(patterns: dict, module: str, default, what: str, path: Path):
     return default
 
 
+def _config_number(cfg_path: Path, what: str, value, rank: bool = False) -> float:
+    """A number from adapter_config.json: finite (a NaN lora_alpha would make every ΔW NaN), not a bool or a
+    string; a rank must also be a whole number >= 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise AdapterError(f"{cfg_path}: {what} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise AdapterError(f"{cfg_path}: {what} is {value!r}, expected a finite number")
+    if rank and (value != int(value) or value < 1):
+        raise AdapterError(f"{cfg_path}: {what} must be a whole number >= 1, got {value!r}")
+    return float(value)
+
+
 _PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<which>lora_A|lora_B)(?:\.(?P<name>[^.]+))?\.weight$")
 
 
@@ -348,14 +381,10 @@ def read_peft(path: Path, allow_pickle: bool = False) -> Adapter:
     for flag, why in refusals:
         if flag:
             raise AdapterError(f"{cfg_path}: refusing {why}")
-    try:
-        r_default = int(config["r"])
-        alpha_default = float(config.get("lora_alpha", r_default))
-    except KeyError:
-        raise AdapterError(f"{cfg_path}: missing required field 'r'") from None
-    except (TypeError, ValueError):
-        raise AdapterError(f"{cfg_path}: 'r' and 'lora_alpha' must be numbers, got r={config.get('r')!r}, "
-                           f"lora_alpha={config.get('lora_alpha')!r}") from None
+    if "r" not in config:
+        raise AdapterError(f"{cfg_path}: missing required field 'r'")
+    r_default = int(_config_number(cfg_path, "r", config["r"], rank=True))
+    alpha_default = _config_number(cfg_path, "lora_alpha", config.get("lora_alpha", r_default))
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
@@ -403,10 +432,12 @@ def read_peft(path: Path, allow_pickle: bool = False) -> Adapter:
         if A.dtype != B.dtype:
             raise AdapterError(f"{weights}: module {module!r}: lora_A is {A.dtype} but lora_B is {B.dtype}")
         r_cfg = _pattern_value(rank_pattern, module, r_default, "rank_pattern", cfg_path)
-        if int(r_cfg) != A.shape[0]:
+        r_cfg = int(_config_number(cfg_path, f"rank_pattern value for {module!r}", r_cfg, rank=True))
+        if r_cfg != A.shape[0]:
             raise AdapterError(f"{weights}: module {module!r} has rank {A.shape[0]} in the file but "
                                f"{PEFT_CONFIG} gives r={r_cfg} (r / rank_pattern): shape mismatch")
-        alpha = float(_pattern_value(alpha_pattern, module, alpha_default, "alpha_pattern", cfg_path))
+        alpha = _pattern_value(alpha_pattern, module, alpha_default, "alpha_pattern", cfg_path)
+        alpha = _config_number(cfg_path, f"alpha_pattern value for {module!r}", alpha)
         layers.append(LoraLayer(module, B, A, alpha, rslora=rslora, fan_in_fan_out=fifo, conv=conv_a or conv_b))
     return Adapter(PEFT, layers, path=path, config=config, metadata=metadata)
 
@@ -484,15 +515,21 @@ def read_lorax(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
     return Adapter(LORAX, layers, path=path, metadata=metadata, rank=r, base_sha256=sha, weights_name=path.name)
 
 
+def adapter_location(path: str | os.PathLike) -> Path:
+    """What an adapter path names: a PEFT adapter given by one of its files is its directory."""
+    path = Path(path)
+    if path.is_file() and (path.name == PEFT_CONFIG or (path.name.startswith("adapter_model") and (path.parent / PEFT_CONFIG).is_file())):
+        return path.parent
+    return path
+
+
 def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
     """Read a PEFT directory, a kohya ``.safetensors`` or a compact LoRA-X ``.safetensors`` (format detected).
 
     Nothing is written; a pickled file (``.bin``, ``.pt``, ``.ckpt``) is read only with ``allow_pickle``
     and then through ``torch.load(weights_only=True)``.
     """
-    path = Path(path)
-    if path.is_file() and (path.name == PEFT_CONFIG or (path.name.startswith("adapter_model") and (path.parent / PEFT_CONFIG).is_file())):
-        path = path.parent
+    path = adapter_location(path)
     if path.is_dir():
         if (path / PEFT_CONFIG).is_file():
             return read_peft(path, allow_pickle)
@@ -502,6 +539,8 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
                                f"file (kohya / LoRA-X); found {len(files)} .safetensors files")
         path = files[0]
     if not path.is_file():
+        if path.exists():  # /dev/zero, a FIFO, a socket: never opened (reading one may never end)
+            raise AdapterError(f"adapter {str(path)!r} is not a regular file or a directory")
         raise AdapterError(f"adapter {str(path)!r} does not exist")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         tensors, metadata = _read_pickle(path, allow_pickle), {}
@@ -521,11 +560,12 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    # save_file refuses non-contiguous tensors and shared storage: give each tensor its own buffer
+    # safetensors refuses non-contiguous tensors and shared storage: give each tensor its own buffer
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    save_file(tensors, str(path), metadata={k: str(v) for k, v in metadata.items()})
+    data = save(tensors, metadata={k: str(v) for k, v in metadata.items()})
+    path.write_bytes(data)  # open(2) with the user's umask (safetensors' save_file makes every file 0o600)
 
 
 def _kernel(t: torch.Tensor, conv: bool) -> torch.Tensor:
@@ -604,33 +644,143 @@ def save_adapter(adapter: Adapter, out_dir: str | os.PathLike) -> None:
     {PEFT: save_peft, KOHYA: save_kohya, LORAX: save_lorax}[adapter.format](adapter, out_dir)
 
 
-def write_output_dir(out: str | os.PathLike, fill, force: bool = False, protect: Iterable[Path] = ()) -> Path:
-    """Create directory ``out`` atomically: ``fill(tmp_dir)`` writes into a temporary sibling, renamed when done.
+def check_not_an_input(path: str | os.PathLike, inputs: Iterable[str | os.PathLike], what: str = "--out",
+                       holds_inputs_ok: bool = False) -> None:
+    """Refuse a path we write to that is an input, lies inside an input directory, or (unless
+    ``holds_inputs_ok``) contains an input. Paths are compared resolved, so symlinks and ``..`` cannot hide one."""
+    path = Path(path).resolve()
+    for p in inputs:
+        p = Path(p).resolve()
+        inside = p.is_dir() and p in path.parents
+        if path == p or inside or (not holds_inputs_ok and path in p.parents):
+            verb = "lies inside the input" if inside and holds_inputs_ok else "would overwrite the input"
+            raise AdapterError(f"{what} {path} {verb} {p}; choose a path outside the inputs")
 
-    An interrupted or failing ``fill`` leaves nothing at ``out`` (the temporary directory is removed); an
-    existing ``out`` is replaced only with ``force``, and never when it holds (or is) one of ``protect``
-    (the inputs).
+
+# Scratch directories of our own naming, beside the output: .<out name>.lorax-tmp-<host>-<pid>-<token>
+# (being filled) and .<out name>.lorax-old-<host>-<pid>-<token> (an output being replaced under --force).
+_SCRATCH = re.compile(r"^\.(?P<name>.+)\.lorax-(?P<kind>tmp|old)-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", socket.gethostname())[:40] or "host"
+
+
+def _scratch(out: Path, kind: str) -> Path:
+    return out.parent / f".{out.name}.lorax-{kind}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process: it exists
+        return True
+    return True
+
+
+def _clean_stale_scratch(parent: Path) -> None:
+    """Remove what killed runs (kill -9, power loss) left beside their output: only directories named by
+    :func:`_scratch`, made on this host by a process that no longer exists. A replaced output whose
+    replacement never arrived is put back instead."""
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = _SCRATCH.match(p.name)
+        if not m or m["host"] != _host() or _pid_alive(int(m["pid"])) or p.is_symlink() or not p.is_dir():
+            continue
+        if m["kind"] == "old":
+            try:
+                _rename_noreplace(p, parent / m["name"])
+                continue
+            except OSError:
+                pass  # the output exists: this is the old copy it replaced
+        shutil.rmtree(p, ignore_errors=True)
+
+
+try:
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover - no C library to load (then a plain rename is used)
+    _LIBC = None
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; FileExistsError when ``dst`` exists, whatever it is.
+
+    A plain rename silently replaces an empty directory, so on Linux this is ``renameat2(RENAME_NOREPLACE)``,
+    one atomic step. Where that is missing, a check then a rename: between the two only an empty directory
+    made by someone else could be replaced (a non-empty one makes the rename fail), so nothing is lost.
+    """
+    fn = getattr(_LIBC, "renameat2", None) if _LIBC is not None else None
+    if fn is not None:
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        if fn(-100, os.fsencode(src), -100, os.fsencode(dst), 1) == 0:  # AT_FDCWD, RENAME_NOREPLACE
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):  # EINVAL: this file system lacks RENAME_NOREPLACE
+            raise OSError(err, os.strerror(err), str(dst))  # EEXIST becomes FileExistsError
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        raise
+
+
+def _places() -> list[tuple[Path, str]]:
+    places = [(Path.cwd().resolve(), "the current directory")]
+    try:
+        places.append((Path.home().resolve(), "your home directory"))
+    except (RuntimeError, KeyError):  # no home directory known
+        pass
+    return places
+
+
+def write_output_dir(out: str | os.PathLike, fill, force: bool = False, protect: Iterable[Path] = ()) -> Path:
+    """Create directory ``out`` atomically: ``fill(tmp_dir)`` writes into a scratch sibling, renamed when done.
+
+    * an interrupted or failing ``fill`` leaves nothing at ``out`` or beside it (the scratch directory is
+      removed; one left by a killed run is removed by the next run that writes into the same folder);
+    * the rename is the claim: it fails if ``out`` exists, so of two runs writing the same new ``out``
+      exactly one wins and the other fails, replacing nothing;
+    * an existing ``out`` is replaced only with ``force``, and never when it is, holds or lies inside one
+      of ``protect`` (the inputs);
+    * directories are created with the user's umask.
     """
     out = Path(out).resolve()
-    for p in protect:
-        p = Path(p).resolve()
-        if out == p or out in p.parents or (p.is_dir() and p in out.parents):
-            raise AdapterError(f"--out {out} would overwrite the input {p}; choose another output directory")
+    check_not_an_input(out, protect)
+    for place, where in _places():  # --out . --force would otherwise replace the directory you work in
+        if out == place or out in place.parents:
+            raise AdapterError(f"output {out} is {where} or holds it; choose a new directory")
     if out.exists() and not force:
         raise AdapterError(f"output {out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise AdapterError(f"output {out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _clean_stale_scratch(out.parent)
+    tmp = _scratch(out, "tmp")
+    os.mkdir(tmp)  # mode 0o777 & ~umask (tempfile.mkdtemp would force 0o700)
     try:
         fill(tmp)
-        if out.exists():  # --force: move the old output aside first, so a failure here loses nothing
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
+        try:
+            _rename_noreplace(tmp, out)
+        except FileExistsError:
+            if not force:
+                raise AdapterError(f"output {out} appeared while this run was writing it (another run?); "
+                                   "it was left as it is; pass --force to replace it") from None
+            old = _scratch(out, "old")
+            os.rename(out, old)  # a fresh name: nothing is replaced; a failure below puts it back
+            try:
+                _rename_noreplace(tmp, out)
+            except OSError:
+                _rename_noreplace(old, out)
+                raise
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -908,11 +1058,12 @@ class LayerRow:
     kept_energy: float | None
     refactor_rel_err: float | None  # written factors vs reference ΔW_t, float64 (None when gated)
     bases: str  # "cached" | "computed" (source/target)
+    warnings: tuple = ()  # ill-posed but legal: a zero base weight, rank < r, σ_r = σ_{r+1} (spectrum_warnings)
 
     def as_dict(self) -> dict:
         from dataclasses import asdict
 
-        d = asdict(self)
+        d = dict(asdict(self), warnings=list(self.warnings))
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
@@ -933,6 +1084,7 @@ class TransferResult:
             "mean_phi": _mean([r.phi for r in self.rows]),
             "mean_kept_energy": _mean(energies),
             "min_kept_energy": min(energies) if energies else None,
+            "layers_with_warnings": sum(1 for r in self.rows if r.warnings),
         }
         return {**self.info, "summary": summary, "layers": rows}
 
@@ -954,6 +1106,7 @@ class TransferResult:
         lines.append("-" * len(head))
         lines.append(f"{s['transferred']} of {s['layers']} layers transferred, {s['gated']} gated; "
                      f"mean Φ {f(s['mean_phi']).strip()}, mean kept energy {f(s['mean_kept_energy']).strip()}")
+        lines += [f"warning: {row.module}: {w}" for row in self.rows for w in row.warnings]
         return "\n".join(lines)
 
 
@@ -1006,10 +1159,25 @@ def transfer_adapter(
         target_name: how the user named the target (alias or path); recorded with its sha256 in the report and
             the written file's metadata. A PEFT output's ``base_model_name_or_path`` is the directory transformers
             can load the target from (:func:`peft_base_fields`), or None when there is none.
+
+    Every option and every layer's shapes are checked before the first SVD. A layer whose source or target
+    top-r subspace is not unique (zero weight, rank < r, σ_r = σ_{r+1}) is transferred and named in its
+    row's ``warnings``; a transferred factor that does not fit the adapter's dtype (fp16) is refused.
     """
     from .cache import BasisCache
 
     cache = cache if cache is not None else BasisCache(None)
+    threshold = checks.threshold(threshold)
+    if side not in SIDES:
+        raise AdapterError(f"side={side!r} is not one of {SIDES}")
+    if method not in METHODS:
+        raise AdapterError(f"method={method!r} is not one of {METHODS}")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        raise AdapterError(f"r must be None or an int >= 1, got {r!r}")
+    if layer_map is not None and not (isinstance(layer_map, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in layer_map.items())):
+        raise AdapterError("layer_map must be a dict {source weight name: target weight name} of strings")
+    device = parse_device(device, "device")
     layer_map = dict(layer_map or {})
     fmt_in = adapter.format
     fmt_out = fmt_in if out_format == "auto" else out_format
@@ -1097,9 +1265,11 @@ def _transfer_one(layer, plan, fmt_in, fmt_out, idx_s, idx_t, sha_s, sha_t, r, t
     """One adapter layer: get the bases, transfer, re-factorise. Returns (report row, new layer or None)."""
     stem_s, stem_t, shape_s, shape_t = plan
     hits = cache.hits
-    U_s, _, V_s = cache.bases(sha_s, stem_s, r, lambda: idx_s.load(stem_s), device=dev)  # (m_s, r), (n_s, r)
-    U_t, _, V_t = cache.bases(sha_t, stem_t, r, lambda: idx_t.load(stem_t), device=dev)  # (m_t, r), (n_t, r)
+    U_s, S_s, V_s, next_s = cache.bases_and_next(sha_s, stem_s, r, lambda: idx_s.load(stem_s), device=dev)  # (m_s, r), (r,), (n_s, r)
+    U_t, S_t, V_t, next_t = cache.bases_and_next(sha_t, stem_t, r, lambda: idx_t.load(stem_t), device=dev)  # (m_t, r), (r,), (n_t, r)
     bases = {0: "computed", 1: "mixed", 2: "cached"}[cache.hits - hits]
+    warnings = (spectrum_warnings(f"source weight {stem_s!r}", S_s, next_s, shape_s, torch.float64)
+                + spectrum_warnings(f"target weight {stem_t!r}", S_t, next_t, shape_t, torch.float64))
 
     if isinstance(layer, LoraLayer):
         dW_s = layer.delta().to(dev)  # s·BA, (m_s, n_s)
@@ -1119,7 +1289,7 @@ def _transfer_one(layer, plan, fmt_in, fmt_out, idx_s, idx_t, sha_s, sha_t, r, t
                 err = max(err, _rel_err(torch.diag(dSigma), C))
                 if err > REFACTOR_RTOL:
                     raise AssertionError(f"{layer.module}: expected a diagonal ΔΣ_t (rel. err {err:.2e})")
-            new = LoraxLayer(out_module, dSigma.to("cpu", layer.dtype).contiguous().clone())
+            new = LoraxLayer(out_module, _cast_output(dSigma, layer.dtype, "ΔΣ (dSigma)"))
         elif isinstance(layer, LoraLayer):
             L_t, R_t, err = _refactor_lora(layer, dW_t, U_t, V_t, rep.case, layer.module)
             new = layer.with_stored_factors(L_t, R_t, module=out_module)
@@ -1127,13 +1297,13 @@ def _transfer_one(layer, plan, fmt_in, fmt_out, idx_s, idx_t, sha_s, sha_t, r, t
             C = _target_coordinates(dW_t, U_t, V_t, layer.module)  # (r, r)
             L_t, R_t = U_t @ C, V_t.T.contiguous()  # (m, r), (r, n)
             err = _rel_err(L_t @ R_t, dW_t)
-            new = LoraLayer(out_module, L_t.to("cpu", layer.dtype).contiguous().clone(),
-                            R_t.to("cpu", layer.dtype).contiguous().clone(), alpha=float(r))
+            new = LoraLayer(out_module, _cast_output(L_t, layer.dtype, "B (lora_B)"),
+                            _cast_output(R_t, layer.dtype, "A (lora_A)"), alpha=float(r))
     row = LayerRow(
         module=layer.module, out_module=out_module, source_weight=stem_s + ".weight",
         target_weight=stem_t + ".weight", shape_s=shape_s, shape_t=shape_t, adapter_rank=layer.rank, r=r,
         method=method, case=rep.case, phi_u=rep.phi_u, phi_v=rep.phi_v, phi=rep.phi, gated=rep.gated,
-        kept_energy=rep.kept_energy, refactor_rel_err=err, bases=bases)
+        kept_energy=rep.kept_energy, refactor_rel_err=err, bases=bases, warnings=tuple(warnings))
     return row, new
 
 
@@ -1156,6 +1326,9 @@ def _output_adapter(adapter: Adapter, fmt_out: str, layers: list, r: int, target
 # ---------------------------------------------------------------------------------------------------------
 # Example adapters (for the README and tests): random, reproducible from a seed, never committed
 # ---------------------------------------------------------------------------------------------------------
+
+
+_SMALLER = "use a smaller strength or a wider dtype"
 
 
 def random_adapter(
@@ -1182,26 +1355,47 @@ def random_adapter(
     from .cache import BasisCache
 
     cache = cache if cache is not None else BasisCache(None)
-    gen = torch.Generator().manual_seed(seed)
+    if fmt not in (PEFT, KOHYA, LORAX):
+        raise AdapterError(f"unknown adapter format {fmt!r}; use peft, kohya or lorax")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise AdapterError(f"rank must be an int >= 1, got {rank!r}")
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= float(strength) < math.inf:
+        raise AdapterError(f"strength must be a finite number >= 0, got {strength!r}")  # NaN fails 0 <= x too
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise AdapterError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    try:
+        regex = re.compile(pattern)
+    except (re.error, TypeError) as exc:
+        raise AdapterError(f"the module pattern {pattern!r} is not a valid regular expression ({exc})") from None
+    try:
+        gen = torch.Generator().manual_seed(seed)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise AdapterError(f"seed {seed!r} is not usable as a torch seed ({_one_line(exc)})") from None
     index = BaseIndex(base)
-    stems = [s for s in index.stems if re.search(pattern, s)]
+    stems = [s for s in index.stems if regex.search(s)]
     if not stems:
         raise AdapterError(f"no weight of the base matches {pattern!r}")
     layers = []
     for stem in stems:
+        if fmt == LORAX and not rank <= min(index.shape(stem)):
+            m, n = index.shape(stem)
+            raise AdapterError(f"rank {rank} is out of range for weight {stem!r} of shape {m}x{n}: a LoRA-X adapter "
+                               f"needs 1 <= rank <= {min(m, n)}")
+    for stem in stems:
         if fmt == LORAX:  # the same bases a transfer uses (and caches)
             _, S, _ = cache.bases(base.sha256, stem, rank, lambda: index.load(stem))  # (rank,)
             dSigma = strength * S * torch.randn(rank, generator=gen, dtype=torch.float64)  # (rank,)
-            layers.append(LoraxLayer(stem, dSigma.to(dtype)))
+            layers.append(LoraxLayer(stem, _cast_output(dSigma, dtype, f"{stem}: ΔΣ", _SMALLER)))
             continue
-        W = index.load(stem).to(torch.float64)  # (m, n)
+        W = checks.matrix(f"base weight {stem!r}", index.load(stem).to(torch.float64))  # (m, n)
         m, n = W.shape
         B = torch.randn(m, rank, generator=gen, dtype=torch.float64)  # (m, k)
         A = torch.randn(rank, n, generator=gen, dtype=torch.float64) / math.sqrt(n)  # (k, n)
         alpha = float(rank)  # s = 1
         B *= strength * float(W.norm()) / float((B @ A).norm())
         module = stem if fmt == PEFT else "lora_unet_" + stem.replace(".", "_")
-        layers.append(LoraLayer(module, B.to(dtype), A.to(dtype), alpha))
+        layers.append(LoraLayer(module, _cast_output(B, dtype, f"{stem}: B", _SMALLER),
+                                _cast_output(A, dtype, f"{stem}: A", _SMALLER), alpha))
     stamp = {"lorax_ref_random": json.dumps({"seed": seed, "strength": strength, "base": base_name,
                                              "base_sha256": base.sha256})}
     if fmt == LORAX:

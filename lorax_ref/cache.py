@@ -14,7 +14,9 @@ Safety, because a wrong basis silently gives a wrong adapter:
 * every entry stores its key fields and a sha256 of its tensor bytes in the safetensors metadata; an entry
   whose fields or digest do not match (a truncated write, a bit flip, a hash-prefix clash) is ignored and
   recomputed, never trusted;
-* entries are written to a temporary name and renamed, so a crash never leaves half an entry;
+* entries are written to a temporary name and renamed, so a crash never leaves half an entry; a write
+  that fails (read-only directory, full disk: ``OSError`` or safetensors' ``SafetensorError``) is skipped,
+  so a full disk only costs speed;
 * the bases come from :func:`lorax_ref.svd_topk` (the reference), or with ``fast=True`` from
   :func:`lorax_ref.fast.top_r_bases` (certified within 5e-7 of it, same sign convention); the two kinds
   are stored under different names and never stand in for each other.
@@ -33,11 +35,12 @@ from typing import Callable
 
 import torch
 
+from . import checks
 from .linalg import svd_topk
 
 __all__ = ["BasisCache", "default_cache_dir", "CACHE_FORMAT"]
 
-CACHE_FORMAT = "lorax-bases-1"  # bump when svd_topk's conventions change: old entries then miss
+CACHE_FORMAT = "lorax-bases-2"  # bump when svd_topk's conventions change: old entries then miss (2: + σ_{r+1})
 ENV_VAR = "LORAX_CACHE_DIR"
 
 _DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32"}
@@ -107,7 +110,7 @@ class BasisCache:
 
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                U, S, V = (f.get_tensor(k) for k in ("U", "S", "V"))
+                U, S, V, S_next = (f.get_tensor(k) for k in ("U", "S", "V", "S_next"))
         except Exception:  # unreadable entry: recompute (and overwrite) rather than fail or trust it
             return None
         expected = self._fields(sha256, name, r, dtype)
@@ -115,30 +118,35 @@ class BasisCache:
             return None
         if U.dtype != dtype or U.ndim != 2 or U.shape[1] != r or S.shape != (r,) or V.ndim != 2 or V.shape[1] != r:
             return None
-        if meta.get("digest") != _digest(U, S, V):
+        if S_next.ndim != 1 or S_next.shape[0] > 1:
             return None
-        return U, S, V
+        if meta.get("digest") != _digest(U, S, V, S_next):
+            return None
+        return U, S, V, (float(S_next[0]) if S_next.numel() else None)
 
-    def store(self, sha256: str, name: str, r: int, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> None:
+    def store(self, sha256: str, name: str, r: int, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor,
+              sigma_next: float | None = None) -> None:
         """Write one entry atomically (temporary file + rename); failures to write are not fatal."""
         if not self.enabled:
             return
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         U, S, V = (t.detach().cpu().contiguous().clone() for t in (U, S, V))
+        S_next = torch.tensor([] if sigma_next is None else [sigma_next], dtype=S.dtype)  # (0,) or (1,)
         path = self.path_for(sha256, name, r, U.dtype)
-        meta = dict(self._fields(sha256, name, r, U.dtype), digest=_digest(U, S, V))
+        meta = dict(self._fields(sha256, name, r, U.dtype), digest=_digest(U, S, V, S_next))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
             os.close(fd)
             try:
-                save_file({"U": U, "S": S, "V": V}, tmp, metadata=meta)
+                save_file({"U": U, "S": S, "V": V, "S_next": S_next}, tmp, metadata=meta)
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        except OSError:
+        except (OSError, SafetensorError):  # safetensors reports "No space left on device" as its own error
             pass  # a read-only or full disk only costs speed
 
     # -- the one call transfer code uses ------------------------------------------------------------------
@@ -157,19 +165,39 @@ class BasisCache:
         ``load_weight`` is only called on a miss, so a fully cached transfer never reads the base weights.
         Returns ``U (m, r)``, ``S (r,)``, ``V (n, r)`` in ``dtype`` on ``device``.
         """
+        return self.bases_and_next(sha256, name, r, load_weight, dtype, device)[:3]
+
+    def bases_and_next(
+        self,
+        sha256: str,
+        name: str,
+        r: int,
+        load_weight: Callable[[], torch.Tensor],
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str = "cpu",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | None]:
+        r""":meth:`bases` and :math:`\sigma_{r+1}`, which tells whether the top-r subspace is unique
+        (:func:`lorax_ref.linalg.spectrum_warnings`); None when r = min(m, n) or with ``fast=True`` (the fast
+        path does not compute it)."""
         hit = self.load(sha256, name, r, dtype)
         if hit is not None:
             self.hits += 1
-            return tuple(t.to(device) for t in hit)
+            return (*(t.to(device) for t in hit[:3]), hit[3])
         self.misses += 1
         W = load_weight().to(device=device, dtype=dtype)  # (m, n)
+        checks.rank(r, *W.shape)
+        sigma_next = None
         if self.fast:
             from .fast import top_r_bases
 
             b = top_r_bases(W, r)  # certified, else the reference SVD (b.cert.method == "svd")
             U, S, V, method = b.U.to(dtype), b.S.to(dtype), b.V.to(dtype), b.cert.method  # (m, r), (r,), (n, r)
         else:
-            (U, S, V), method = svd_topk(W, r), "svd"  # (m, r), (r,), (n, r)
+            k = min(r + 1, *W.shape)  # one value more than kept; the first r columns are svd_topk(W, r)
+            U, S, V = svd_topk(W, k)  # (m, k), (k,), (n, k)
+            if k > r:
+                sigma_next = float(S[r])
+            U, S, V, method = U[:, :r].contiguous(), S[:r].contiguous(), V[:, :r].contiguous(), "svd"  # (m, r), (r,), (n, r)
         self.methods[method] = self.methods.get(method, 0) + 1
-        self.store(sha256, name, r, U, S, V)
-        return U, S, V
+        self.store(sha256, name, r, U, S, V, sigma_next)
+        return U, S, V, sigma_next

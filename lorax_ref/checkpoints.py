@@ -116,6 +116,8 @@ def _resolve(spec: str | os.PathLike) -> Path:
     if not isinstance(spec, (str, os.PathLike)):
         raise CheckpointError(f"checkpoint spec must be a packaged alias or a path, got {type(spec).__name__}")
     path = Path(spec)
+    if path.exists() and not path.is_file():  # a directory, /dev/zero, a FIFO: never opened
+        raise CheckpointError(f"checkpoint {str(spec)!r} is not a regular file (a .safetensors or .onnx file)")
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint {str(spec)!r} is neither a packaged model ({', '.join(PACKAGED_MODELS)}) nor an existing file")

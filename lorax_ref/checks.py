@@ -6,6 +6,9 @@ readable line instead of a broadcast that silently succeeds or a deep torch trac
 """
 from __future__ import annotations
 
+import numbers
+import os
+
 import torch
 
 from .errors import LoraxInputError
@@ -24,17 +27,29 @@ def _shape(x: torch.Tensor) -> str:
     return str(tuple(x.shape))
 
 
-def matrix(name: str, x) -> torch.Tensor:
-    """A finite, floating-point, 2-D tensor."""
+def dense(name: str, x: torch.Tensor) -> torch.Tensor:
+    """A tensor that holds its values: not a meta tensor (shape only), not sparse or nested."""
+    if x.is_meta:
+        raise LoraxInputError(f"{name} is a meta tensor (shape {_shape(x)}, no values); load its values first")
+    if x.layout != torch.strided:
+        raise LoraxInputError(f"{name} has layout {x.layout}; pass a dense tensor ({name}.to_dense())")
+    return x
+
+
+def matrix(name: str, x, check_finite: bool = True) -> torch.Tensor:
+    """A finite, floating-point, 2-D tensor (``check_finite=False``: everything but the NaN/Inf scan,
+    for callers that first check that the work fits in memory)."""
     if not isinstance(x, torch.Tensor):
         raise LoraxInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    dense(name, x)
     if x.ndim != 2:
         raise LoraxInputError(f"{name} must be 2-D (a matrix), got shape {_shape(x)}")
     if not x.is_floating_point():
         raise LoraxInputError(f"{name} must have a floating dtype, got {x.dtype}")
     if x.numel() == 0:
         raise LoraxInputError(f"{name} is empty, shape {_shape(x)}")
-    finite(name, x)
+    if check_finite:
+        finite(name, x)
     return x
 
 
@@ -58,6 +73,58 @@ def rank(r, m: int, n: int, name: str = "r") -> int:
     if not 1 <= r <= min(m, n):
         raise LoraxInputError(f"{name}={r} is out of range: need 1 <= {name} <= min(m, n) = {min(m, n)} for a {m}x{n} matrix")
     return r
+
+
+def threshold(tau, name: str = "threshold") -> float | None:
+    """The Eq. (4) gate threshold: None (no gate) or a real number in [0, 1] (Φ lies in [0, 1])."""
+    if tau is None:
+        return None
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise LoraxInputError(f"{name} must be None or a number in [0, 1], got {type(tau).__name__} {tau!r}")
+    value = float(tau)
+    if not 0.0 <= value <= 1.0:  # also refuses NaN, which would silently disable the gate
+        raise LoraxInputError(f"{name}={value!r} is out of range: Φ lies in [0, 1], so the gate needs 0 <= {name} <= 1")
+    return value
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` (CUDA: the driver's count; CPU: MemAvailable, capped by a cgroup limit)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:  # a container's limit is lower than what the host reports
+        with open("/sys/fs/cgroup/memory.max") as fh_max, open("/sys/fs/cgroup/memory.current") as fh_cur:
+            limit = fh_max.read().strip()
+            if limit != "max":
+                left = int(limit) - int(fh_cur.read().strip())
+                free = left if free is None else min(free, left)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def fits_in_memory(what: str, nbytes: int, device: torch.device) -> None:
+    """Refuse work whose buffers cannot fit in the free memory of ``device``, before allocating them."""
+    free = _available_bytes(torch.device(device))
+    if free is not None and nbytes > free:
+        raise LoraxInputError(
+            f"{what} needs about {_gb(nbytes)} of memory, but only {_gb(free)} is free on {device}")
+
+
+def _gb(nbytes: int | float) -> str:
+    return f"{nbytes / 1e9:.3g} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.3g} MB"
 
 
 def basis(name: str, U, rows: int | None = None) -> torch.Tensor:
@@ -116,6 +183,7 @@ def sigma(name: str, dSigma, r: int) -> torch.Tensor:
     """``ΔΣ`` given as a diagonal ``(r,)`` or a full ``(r, r)`` matrix."""
     if not isinstance(dSigma, torch.Tensor):
         raise LoraxInputError(f"{name} must be a torch.Tensor, got {type(dSigma).__name__}")
+    dense(name, dSigma)
     if not dSigma.is_floating_point():
         raise LoraxInputError(f"{name} must have a floating dtype, got {dSigma.dtype}")
     if tuple(dSigma.shape) not in {(r,), (r, r)}:

@@ -33,6 +33,16 @@ def _float_or_none(text: str) -> float:
     return value
 
 
+def _strength(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value < float("inf"):  # NaN and Inf would write a NaN / Inf adapter
+        raise argparse.ArgumentTypeError(f"the strength must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -116,43 +126,83 @@ def _methods(cache) -> str:
     return ", fast: " + ", ".join(f"{n} {k}" for k, n in sorted(cache.methods.items()))
 
 
-def _cache(args):
+def _cache(args, inputs: list[Path], out: Path):
+    """The basis cache; refused inside an input (it would write subfolders into it) or inside ``out``."""
+    from .adapters import AdapterError, check_not_an_input
     from .cache import BasisCache, default_cache_dir
 
     fast = bool(getattr(args, "fast", False))
     if args.no_cache:
         return BasisCache(None, enabled=False, fast=fast)
-    return BasisCache(args.cache_dir or default_cache_dir(), fast=fast)
+    root = Path(args.cache_dir or default_cache_dir()).expanduser()
+    what = "--cache-dir" if args.cache_dir else "the basis cache directory ($LORAX_CACHE_DIR or the default)"
+    check_not_an_input(root, inputs, what=what, holds_inputs_ok=True)
+    out = out.resolve()
+    if root.resolve() == out or out in root.resolve().parents:
+        raise AdapterError(f"{what} {root} lies inside --out {out}; choose a cache directory outside the output")
+    return BasisCache(root, fast=fast)
 
 
-def _protected_paths(args) -> list[Path]:
-    paths = [Path(args.adapter)]
-    for spec in (args.source_base, args.target_base):
+def _inputs(adapter: str | None = None, bases: tuple = (), files: tuple = ()) -> list[Path]:
+    """Every input path, however it was named: a packaged alias is its installed model directory (weights and
+    config), a PEFT adapter named by one of its files is its directory. Nothing may write over or into them."""
+    from .adapters import adapter_location
+    from .checkpoints import PACKAGED_MODELS, packaged_file
+    from .errors import LoraxInputError
+
+    paths = [adapter_location(adapter)] if adapter is not None else []
+    for spec in bases:
+        if spec in PACKAGED_MODELS:
+            model = PACKAGED_MODELS[spec]
+            try:
+                paths.append(packaged_file(model.dist, model.file).parent)
+            except LoraxInputError:
+                pass  # not installed: opening it fails with the install command
         if Path(spec).exists():
             paths.append(Path(spec))
-    return paths
+    return paths + [Path(f) for f in files if f]
+
+
+LAYER_MAP_MAX_BYTES = 64 << 20  # far above any real layer map (one short line per layer); never read /dev/zero
+
+
+def _read_layer_map(spec: str) -> dict[str, str]:
+    """--layer-map: a JSON object {source weight name: target weight name}, from a regular file."""
+    from .adapters import AdapterError
+
+    path = Path(spec)
+    if not path.is_file():  # never read /dev/zero or a FIFO: it may not end
+        raise AdapterError(f"--layer-map {spec!r} " + ("is not a regular file" if path.exists() else "does not exist"))
+    if path.stat().st_size > LAYER_MAP_MAX_BYTES:
+        raise AdapterError(f"--layer-map {spec!r} is {path.stat().st_size} bytes; a layer map is a small JSON object")
+    try:
+        layer_map = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{spec}: invalid JSON ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise AdapterError(f"{spec}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not isinstance(layer_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in layer_map.items()):
+        raise AdapterError(f"{spec}: expected a JSON object of strings {{source name: target name}}")
+    return {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in layer_map.items()}
 
 
 def cmd_transfer(args) -> int:
-    from .adapters import (REPORT_JSON, REPORT_TXT, AdapterError, load_adapter, open_base, save_adapter,
-                           transfer_adapter, write_output_dir)
+    from .adapters import (REPORT_JSON, REPORT_TXT, AdapterError, check_not_an_input, load_adapter, open_base,
+                           save_adapter, transfer_adapter, write_output_dir)
+    from .device import parse_device
 
+    # everything cheap is checked before any expensive work
     out = Path(args.out)
-    if out.exists() and not args.force:  # fail before any expensive work
+    inputs = _inputs(args.adapter, (args.source_base, args.target_base), (args.layer_map,))
+    check_not_an_input(out, inputs)
+    if out.exists() and not args.force:
         raise AdapterError(f"output {out} already exists; pass --force to replace it")
-    layer_map = None
-    if args.layer_map:
-        try:
-            layer_map = json.loads(Path(args.layer_map).read_text())
-        except json.JSONDecodeError as exc:
-            raise AdapterError(f"{args.layer_map}: invalid JSON ({exc})") from None
-        if not isinstance(layer_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in layer_map.items()):
-            raise AdapterError(f"{args.layer_map}: expected a JSON object of strings {{source name: target name}}")
-        layer_map = {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in layer_map.items()}
+    device = parse_device(args.device, "--device") if args.device else parse_device(
+        os.environ.get("LORAX_DEVICE") or "cpu", "$LORAX_DEVICE")
+    layer_map = _read_layer_map(args.layer_map) if args.layer_map else None
+    cache = _cache(args, inputs, out)
 
     adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
-    device = args.device or os.environ.get("LORAX_DEVICE") or "cpu"
-    cache = _cache(args)
     with open_base(args.source_base, args.allow_pickle) as source, open_base(args.target_base, args.allow_pickle) as target:
         result = transfer_adapter(
             adapter, source, target, r=args.rank, threshold=args.threshold, side=args.side, method=args.method,
@@ -167,7 +217,7 @@ def cmd_transfer(args) -> int:
         (tmp / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
         (tmp / REPORT_TXT).write_text(table + "\n")
 
-    write_output_dir(out, fill, force=args.force, protect=_protected_paths(args))
+    write_output_dir(out, fill, force=args.force, protect=inputs)
     if args.json:
         print(json.dumps(report, indent=2))
     elif not args.quiet:
@@ -271,7 +321,7 @@ def add_random_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--modules", default=r"attention\.self\.(query|value)",
                    help="regular expression selecting the weights to adapt (default: attention query and value)")
     p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (peft/kohya) or LoRA-X rank r (lorax)")
-    p.add_argument("--strength", type=float, default=0.1, help="relative size of the update (default 0.1)")
+    p.add_argument("--strength", type=_strength, default=0.1, help="relative size of the update (default 0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16", "float64"], default="float32")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists")
@@ -285,14 +335,18 @@ def add_random_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_random(args) -> int:
     import torch
 
-    from .adapters import open_base, random_adapter, save_adapter, write_output_dir
+    from .adapters import AdapterError, check_not_an_input, open_base, random_adapter, save_adapter, write_output_dir
 
+    inputs = _inputs(bases=(args.base,))
+    check_not_an_input(args.out, inputs)
+    if Path(args.out).exists() and not args.force:
+        raise AdapterError(f"output {args.out} already exists; pass --force to replace it")
+    cache = _cache(args, inputs, Path(args.out))
     with open_base(args.base) as ck:
         adapter = random_adapter(ck, args.format, args.modules, rank=args.rank, strength=args.strength,
                                  seed=args.seed, dtype=getattr(torch, args.dtype), base_name=args.base,
-                                 cache=_cache(args))
-    protect = [Path(args.base)] if Path(args.base).exists() else []
-    write_output_dir(args.out, lambda tmp: save_adapter(adapter, tmp), force=args.force, protect=protect)
+                                 cache=cache)
+    write_output_dir(args.out, lambda tmp: save_adapter(adapter, tmp), force=args.force, protect=inputs)
     print(f"wrote a random {args.format} adapter ({len(adapter.layers)} layers, rank {args.rank}) to {args.out}")
     return 0
 

@@ -24,14 +24,13 @@ naming the problem. Nothing is broadcast, padded or cropped.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from . import checks
 from .errors import LoraxInputError
-from .linalg import frob2, svd_topk
+from .linalg import energy_ratio, spectrum_warnings, svd_topk
 
 
 def _bases(U: torch.Tensor, V: torch.Tensor, suffix: str, m: int | None = None, n: int | None = None) -> int:
@@ -270,6 +269,9 @@ class TransferReport:
     threshold: float | None
     gated: bool  # True: Φ fell below the threshold and the layer got no update
     kept_energy: float  # ‖ΔW_{t←s}‖²_F / ‖ΔW_s‖²_F (NaN when ΔW_s = 0)
+    # legal but ill-posed inputs: a zero W, rank(W) < r, σ_r = σ_{r+1} (the bases, Φ and the result are
+    # then decided by rounding); see lorax_ref.linalg.spectrum_warnings
+    warnings: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -311,6 +313,8 @@ def transfer_layer(
        ``U_t C_s V_tᵀ`` with ``C_s = Ū_sᵀ ΔW_s V̄_s``; ``"mismatch"`` = the §4.2.2 rule at any shapes.
 
     Steps 2-4 are :func:`transfer_layer_from_bases`, for callers that already have the bases (a cache).
+    A zero ``W``, a ``W`` of rank < r or a tie σ_r = σ_{r+1} is legal, but its top-r bases are not unique:
+    the report's ``warnings`` then say so (Φ and ``dW_t`` are decided by rounding).
 
     Returns:
         ``dW_t (m_t, n_t)`` in ``dW_s``'s dtype and a :class:`TransferReport`.
@@ -324,9 +328,16 @@ def transfer_layer(
     _check_options(side, method, tuple(W_s.shape), tuple(W_t.shape))
     checks.rank(r, *W_s.shape, name="r (source)")
     checks.rank(r, *W_t.shape, name="r (target)")
-    U_s, _, V_s = svd_topk(W_s, r)  # (m_s, r), (n_s, r)
-    U_t, _, V_t = svd_topk(W_t, r)  # (m_t, r), (n_t, r)
-    return transfer_layer_from_bases(dW_s, U_s, V_s, U_t, V_t, threshold=threshold, side=side, method=method)
+    threshold = checks.threshold(threshold)  # before the SVDs
+    warnings = []
+    bases = []
+    for name, W in (("W_s", W_s), ("W_t", W_t)):
+        k = min(r + 1, *W.shape)  # one more value than kept: σ_{r+1} tells whether the top-r subspace is unique
+        U, S, V = svd_topk(W, k)  # (m, k), (k,), (n, k); the first r columns are svd_topk(W, r)
+        warnings += spectrum_warnings(name, S[:r], float(S[r]) if k > r else None, tuple(W.shape), W.dtype)
+        bases += [U[:, :r].contiguous(), V[:, :r].contiguous()]  # (m, r), (n, r)
+    dW_t, report = transfer_layer_from_bases(dW_s, *bases, threshold=threshold, side=side, method=method)
+    return dW_t, replace(report, warnings=tuple(warnings))
 
 
 def _check_options(side: str, method: str, shape_s: tuple, shape_t: tuple) -> None:
@@ -357,6 +368,7 @@ def transfer_layer_from_bases(
     r = _bases(U_s, V_s, "_s", *dW_s.shape)
     _bases(U_t, V_t, "_t")
     checks.same_rank(U_s=U_s, U_t=U_t)
+    threshold = checks.threshold(threshold)
     shape_s, shape_t = (U_s.shape[0], V_s.shape[0]), (U_t.shape[0], V_t.shape[0])
     _check_options(side, method, shape_s, shape_t)
     phi_u = subspace_similarity(U_s, U_t) if shape_s[0] == shape_t[0] else None  # Eq. (4), left
@@ -380,7 +392,6 @@ def transfer_layer_from_bases(
         C_s = U_s.T @ dW_s @ V_s  # (r, m_s) @ (m_s, n_s) @ (n_s, r) -> (r, r)
         dW_t = copy_sigma_transfer(U_t, C_s, V_t)  # (m_t, n_t)  Table 5 ablation
 
-    energy_s = frob2(dW_s)
     report = TransferReport(
         case=case,
         r=r,
@@ -392,6 +403,6 @@ def transfer_layer_from_bases(
         side=side,
         threshold=threshold,
         gated=bool(gated),
-        kept_energy=frob2(dW_t) / energy_s if energy_s > 0 else math.nan,
+        kept_energy=energy_ratio(dW_t, dW_s),  # scale-safe: ‖1e200·x‖² overflows float64
     )
     return dW_t, report

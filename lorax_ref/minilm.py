@@ -400,7 +400,7 @@ def prune_ffn(model: MiniLM, keep: int | Iterable[int]) -> tuple[MiniLM, dict[in
     if len(keeps) != model.cfg.n_layers:
         raise LoraxInputError(f"keep has {len(keeps)} entries for {model.cfg.n_layers} layers")
     cfg = MiniLMConfig(**{**model.cfg.__dict__, "intermediate": tuple(keeps)})
-    out = MiniLM(cfg)
+    out = MiniLM(cfg).to(model.embeddings.word_embeddings.weight.dtype)  # the copy keeps the model's precision
     state = dict(model.state_dict())
     kept: dict[int, torch.Tensor] = {}
     for i, (layer, k) in enumerate(zip(model.encoder.layer, keeps)):

@@ -74,6 +74,14 @@ class TaskConfig:
     lr_lora: float = 1e-2
     temperature: float = 0.1
     seeds: tuple[int, ...] = (0, 1, 2)
+    # Every model, fine-tune, adapter and score of the experiment is computed in float64: float32 results
+    # differ between CPUs in their last bits, enough to reorder near-tied similarities and move an mAP
+    # by ~1e-5; in float64 the table is the same on every machine to the digits it shows.
+    dtype: str = "float64"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
     def pattern(self, layers: tuple[int, ...] | None = None) -> str:
         layers = self.adapted_layers if layers is None else layers
@@ -355,7 +363,7 @@ METHODS = {"lorax": "Eq. (3); §4.2.2 where shapes differ", "copy": "no-rotation
 
 def transfer_deltas(deltas: dict[str, torch.Tensor], bases_s: Bases, bases_t: Bases,
                     matching: dict[str, tuple[str, float]], method: str = "lorax") -> dict[str, torch.Tensor]:
-    """Move each ΔW_s onto its matched target weight (float64 math, float32 result).
+    """Move each ΔW_s onto its matched target weight (float64 math, the result in ΔW_s's dtype).
 
     `method="lorax"`: Eq. (3) `transfer_same_dim` for equal shapes, §4.2.2 `transfer_mismatch` otherwise
     (exactly what `transfer_layer(method="auto")` does, with the bases computed once).
@@ -376,7 +384,7 @@ def transfer_deltas(deltas: dict[str, torch.Tensor], bases_s: Bases, bases_t: Ba
             dW_t = transfer_same_dim(dW, U_t, V_t)  # (m, n)
         else:
             dW_t = transfer_mismatch(dW, U_s, V_s, U_t, V_t)  # (m_t, n_t)
-        out[tname] = out.get(tname, 0) + dW_t.float().cpu()
+        out[tname] = out.get(tname, 0) + dW_t.to(dW_s.dtype).cpu()
     return out
 
 
@@ -393,7 +401,8 @@ class FinetuneConfig:
     leads of the batch (in-batch negatives, symmetric InfoNCE, the sentence-transformers recipe). It
     is topic-agnostic and uses only pool articles (never the eval headlines). Every encoder weight
     and LayerNorm trains; the token/position embedding tables stay frozen (their gradient is mostly
-    zero and Adam over 12 M rows would dominate the cost). One thread, fixed batches: reproducible.
+    zero and Adam over 12 M rows would dominate the cost). Fixed batches, in the task's dtype
+    (float64): the same model on every CPU.
     """
 
     steps: int = 12
@@ -409,7 +418,7 @@ class FinetuneConfig:
 
 def finetune_l6(ft: FinetuneConfig, cfg: TaskConfig, base: MiniLM | None = None) -> MiniLM:
     """Run the fine-tune of :class:`FinetuneConfig` from the packaged L6 (or `base`); returns a new model."""
-    model = merged(base if base is not None else MiniLM.from_checkpoint("minilm-l6"), {})
+    model = merged(base if base is not None else MiniLM.from_checkpoint("minilm-l6"), {}).to(cfg.torch_dtype)
     model.requires_grad_(True)
     for emb in (model.embeddings.word_embeddings, model.embeddings.position_embeddings,
                 model.embeddings.token_type_embeddings):
@@ -459,7 +468,7 @@ def finetuned_l6(ft: FinetuneConfig, cfg: TaskConfig) -> MiniLM:
 
     path = cache_dir() / f"minilm-l6-ft-{ft.digest()}-{cfg.digest()}.safetensors"
     if path.is_file():
-        model = MiniLM.from_checkpoint("minilm-l6")
+        model = MiniLM.from_checkpoint("minilm-l6").to(cfg.torch_dtype)
         model.load_state_dict(load_file(str(path)))
         return model
     model = finetune_l6(ft, cfg)
@@ -495,12 +504,12 @@ RESULTS_FILE = ADAPTER_DIR / "bbc_headlines_results.json"
 
 def build_models(cfg: TaskConfig, ft: FinetuneConfig) -> dict[str, MiniLM]:
     """The source (packaged L6) and the four targets of the paper's settings."""
-    source = MiniLM.from_checkpoint("minilm-l6")
+    source = MiniLM.from_checkpoint("minilm-l6").to(cfg.torch_dtype)  # float32 → float64 is exact
     return {
         "source": source,
-        "int8": MiniLM.from_checkpoint("minilm-l6-int8"),
+        "int8": MiniLM.from_checkpoint("minilm-l6-int8").to(cfg.torch_dtype),
         "finetuned": finetuned_l6(ft, cfg),
-        "l3": MiniLM.from_checkpoint("minilm-l3"),
+        "l3": MiniLM.from_checkpoint("minilm-l3").to(cfg.torch_dtype),
         "pruned": prune_ffn(source, PRUNE_KEEP)[0],
     }
 

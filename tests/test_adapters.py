@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from lorax_ref import svd_topk, transfer_layer
+from lorax_ref import LoraxInputError, svd_topk, transfer_layer
 from lorax_ref.adapters import (
     AdapterError,
     LoraLayer,
@@ -497,3 +499,209 @@ def test_transfer_on_cuda_matches_cpu(tmp_path):
         assert b.A.device.type == "cpu"  # written tensors come back to the CPU
         np.testing.assert_allclose(b.delta().numpy(), a.delta().numpy(), atol=1e-6 * float(a.delta().abs().max()))
         assert rb.phi == pytest.approx(ra.phi, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hostile inputs: output overflow, the --out claim, scratch left by killed runs, umask, full disks, configs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _overflow_pair(tmp_path):
+    """fp16 PEFT adapter with |lora_B| up to 3e4 on a 12×10 layer: finite input, but σ_1(ΔW) ≈ 3e5, and the copy
+    rule writes B' = U_t X S (columns of norm σ_i) and ΔΣ ≈ diag(σ_i): beyond fp16's 65504."""
+    W_s = spectral(12, 10, 0)
+    s_path = write_ckpt(tmp_path / "s.safetensors", {"blk.q": W_s})
+    t_path = write_ckpt(tmp_path / "t.safetensors", {"blk.q": perturbed(W_s, 0.1, 1)})
+    g = torch.Generator().manual_seed(0)
+    B = (3e4 * torch.rand(12, 4, generator=g, dtype=torch.float64)).half()  # (m, k), finite in fp16
+    A = torch.rand(4, 10, generator=g, dtype=torch.float64).half()  # (k, n)
+    d = write_peft(tmp_path / "p16", {"blk.q": (B, A)}, r=4, lora_alpha=4)
+    return s_path, t_path, d
+
+
+@pytest.mark.parametrize("out_format, what", [("auto", "B \\(lora_B / lora_up\\)"), ("lorax", "ΔΣ \\(dSigma\\)")])
+def test_fp16_output_overflow_is_refused_naming_the_layer(tmp_path, out_format, what):
+    s_path, t_path, d = _overflow_pair(tmp_path)
+    ad = load_adapter(d)
+    with open_base(str(s_path)) as cs, open_base(str(t_path)) as ct:
+        with pytest.raises(AdapterError, match=rf"layer 'blk.q': {what} does not fit float16: \d+ of \d+ entries "
+                                               r"overflow \(largest \|value\| .* > 6.55e\+04\)"):
+            transfer_adapter(ad, cs, ct, r=6, method="copy", out_format=out_format)
+        ok = transfer_adapter(ad, cs, ct, r=6, method="auto")  # Eq. (3) only shrinks B: it fits
+        assert all(bool(torch.isfinite(t).all()) for layer in ok.adapter.layers for t in (layer.A, layer.B))
+
+
+def test_write_output_dir_claim_is_atomic(tmp_path):
+    """An ``out`` that appears while ``fill`` runs (another run finished first) is never moved aside or
+    replaced without ``force``: exactly one run wins, the other fails and leaves no scratch behind."""
+    out = tmp_path / "out"
+
+    def other_run_wins(tmp):
+        (tmp / "mine.txt").write_text("second")
+        out.mkdir()
+        (out / "theirs.txt").write_text("first")
+
+    with pytest.raises(AdapterError, match="appeared while this run was writing it .* pass --force"):
+        write_output_dir(out, other_run_wins)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "theirs.txt").read_text() == "first"
+
+    def empty_dir_appears(tmp):  # a plain rename() would silently replace an empty directory
+        (tmp / "mine.txt").write_text("second")
+        (tmp_path / "empty").mkdir()
+
+    with pytest.raises(AdapterError, match="appeared while"):
+        write_output_dir(tmp_path / "empty", empty_dir_appears)
+    assert list((tmp_path / "empty").iterdir()) == []
+    write_output_dir(out, lambda tmp: (tmp / "mine.txt").write_text("forced"), force=True)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_scratch_of_killed_runs_is_cleaned_and_nothing_else(tmp_path):
+    from lorax_ref.adapters import _host
+
+    dead, host = _dead_pid(), _host()
+    stale = tmp_path / f".prev.lorax-tmp-{host}-{dead}-0badc0de"  # kill -9 during fill: a partial adapter
+    stale.mkdir()
+    (stale / "adapter_model.safetensors").write_bytes(b"partial")
+    replaced = tmp_path / f".gone.lorax-old-{host}-{dead}-0badc0de"  # killed between the two renames of --force
+    replaced.mkdir()
+    (replaced / "keep.txt").write_text("the user's previous output")
+    kept = [tmp_path / f".live.lorax-tmp-{host}-{os.getpid()}-0badc0de",  # a run still writing
+            tmp_path / f".x.lorax-tmp-otherhost-{dead}-0badc0de",  # another machine's (shared folder)
+            tmp_path / ".x.tmp-abcd1234"]  # not our naming
+    for p in kept:
+        p.mkdir()
+    write_output_dir(tmp_path / "new", lambda tmp: (tmp / "a.txt").write_text("a"))
+    assert not stale.exists() and all(p.exists() for p in kept)
+    assert (tmp_path / "gone" / "keep.txt").read_text() == "the user's previous output" and not replaced.exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_output_directories_follow_the_umask(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        out = write_output_dir(tmp_path / "a" / "b", lambda tmp: (tmp / "f.txt").write_text("x"))
+    finally:
+        os.umask(old)
+    for d in (out, out.parent):
+        assert d.stat().st_mode & 0o777 == 0o777 & ~umask, oct(d.stat().st_mode)
+    assert (out / "f.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_cache_store_survives_a_full_disk(tmp_path):
+    """A write that fails with safetensors' own error (here: RLIMIT_FSIZE, "File too large", as a full disk
+    gives "No space left on device") is skipped: the cache only costs speed, it never aborts a transfer."""
+    import resource
+    import signal
+
+    cache = BasisCache(tmp_path / "cache")
+    U, S, V = svd_topk(spectral(300, 200, 0), 100)  # ~400 kB entry
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    try:
+        cache.store("ab" * 32, "w", 100, U, S, V, 1.0)  # raised SafetensorError before
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert cache.load("ab" * 32, "w", 100) is None
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []  # no partial entry left
+
+
+def test_cache_keeps_the_next_singular_value(tmp_path):
+    W = spectral(10, 8, 0)
+    cache = BasisCache(tmp_path / "cache")
+    got = cache.bases_and_next("cd" * 32, "w", 3, lambda: W)
+    again = BasisCache(tmp_path / "cache").bases_and_next("cd" * 32, "w", 3, lambda: W)
+    sigma = np.linalg.svd(W.numpy(), compute_uv=False)
+    assert got[3] == pytest.approx(sigma[3], rel=1e-12) and again[3] == got[3]
+    np.testing.assert_allclose(got[1].numpy(), sigma[:3], rtol=1e-12)
+    assert cache.bases_and_next("cd" * 32, "w", 8, lambda: W)[3] is None  # r = min(m, n): there is no σ_{r+1}
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"lora_alpha": float("nan")}, r"lora_alpha is nan, expected a finite number"),
+    ({"lora_alpha": float("inf")}, r"lora_alpha is inf"),
+    ({"lora_alpha": "8"}, r"lora_alpha must be a number, got str '8'"),
+    ({"lora_alpha": True}, r"lora_alpha must be a number, got bool"),
+    ({"r": 4.5}, r"r must be a whole number >= 1, got 4.5"),
+    ({"r": 0}, r"r must be a whole number >= 1"),
+    ({"r": None}, r"r must be a number, got NoneType"),
+    ({"rank_pattern": {"m": "x"}}, r"rank_pattern value for 'm' must be a number, got str 'x'"),
+    ({"alpha_pattern": {"m": float("nan")}}, r"alpha_pattern value for 'm' is nan"),
+])
+def test_peft_config_numbers(tmp_path, config, match):
+    """A NaN lora_alpha used to surface as 'dW_s contains 147456 NaN' deep in the transfer."""
+    d = write_peft(tmp_path / "a", {"m": lora_factors(4, 4, 4, 0)}, **config)
+    with pytest.raises(AdapterError, match=match):
+        load_adapter(d)
+
+
+def test_special_files_are_never_opened(tmp_path):
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)  # opening it for reading would block forever
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(AdapterError, match=r"is not a regular file or a directory"):
+            load_adapter(path)
+        with pytest.raises(LoraxInputError, match=r"is not a regular file"):
+            open_base(str(path))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"strength": float("nan")}, r"strength must be a finite number >= 0, got nan"),
+    ({"strength": float("inf")}, r"strength must be a finite number >= 0, got inf"),
+    ({"strength": -0.1}, r"strength must be a finite number >= 0"),
+    ({"pattern": "("}, r"the module pattern '\(' is not a valid regular expression \(missing \)"),
+    ({"rank": 0}, r"rank must be an int >= 1, got 0"),
+    ({"fmt": "lycoris"}, r"unknown adapter format 'lycoris'"),
+    ({"dtype": torch.int8}, r"dtype must be a floating torch dtype"),
+    ({"seed": 2**70}, r"seed 1180591620717411303424 is not usable as a torch seed"),
+    ({"strength": 1e6, "dtype": torch.float16}, r"l.0.q: B does not fit float16: .* use a smaller strength"),
+])
+def test_random_adapter_arguments(tmp_path, kwargs, match):
+    ck_path = write_ckpt(tmp_path / "base.safetensors", {"l.0.q": spectral(6, 5, 0)})
+    args = {"fmt": "peft", "pattern": r"\.q$", **kwargs}
+    with open_base(str(ck_path)) as ck:
+        with pytest.raises(AdapterError, match=match):
+            random_adapter(ck, args.pop("fmt"), args.pop("pattern"), **args)
+
+
+def test_transfer_adapter_validates_options_before_work(tmp_path):
+    s_path = write_ckpt(tmp_path / "s.safetensors", {"m": spectral(8, 6, 0)})
+    with open_base(str(s_path)) as cs:
+        ad = random_adapter(cs, "peft", r".", rank=2)
+        for kwargs, match in [({"threshold": float("nan")}, r"threshold=nan is out of range"),
+                              ({"side": "x"}, r"side='x' is not one of"), ({"method": "svd"}, r"method='svd'"),
+                              ({"r": 2.0}, r"r must be None or an int >= 1"), ({"device": "meta"}, r"not a device to compute on"),
+                              ({"layer_map": {"m": 3}}, r"layer_map must be a dict")]:
+            with pytest.raises(LoraxInputError, match=match):
+                transfer_adapter(ad, cs, cs, **kwargs)
+        if not torch.cuda.is_available():
+            with pytest.raises(LoraxInputError, match=r"device='cuda' asks for CUDA, but torch sees no CUDA device"):
+                transfer_adapter(ad, cs, cs, device="cuda")
+
+
+def test_transfer_report_flags_ill_posed_layers(tmp_path):
+    """A zero target weight and a tie σ_r = σ_{r+1}: legal, transferred, and named in the report."""
+    W = torch.diag(torch.tensor([5.0, 4.0, 3.0, 3.0, 1.0, 0.5], dtype=torch.float64))
+    s_path = write_ckpt(tmp_path / "s.safetensors", {"a": W, "b": spectral(6, 6, 1)})
+    t_path = write_ckpt(tmp_path / "t.safetensors", {"a": W, "b": torch.zeros(6, 6)})
+    with open_base(str(s_path)) as cs, open_base(str(t_path)) as ct:
+        res = transfer_adapter(random_adapter(cs, "peft", r".", rank=2), cs, ct, r=3)
+    rows = {row.module: row for row in res.rows}
+    assert [w.split(":")[0] for w in rows["a"].warnings] == ["source weight 'a' has σ_3 = σ_4 (tied to 0.0e+00·σ_1)",
+                                                              "target weight 'a' has σ_3 = σ_4 (tied to 0.0e+00·σ_1)"]
+    assert rows["b"].warnings == ("target weight 'b' is zero: every 3-dimensional subspace is a top-3 subspace, "
+                                  "so its bases are arbitrary",)
+    report = res.report()
+    assert report["summary"]["layers_with_warnings"] == 2 and report["layers"][1]["warnings"] == list(rows["b"].warnings)
+    assert res.table().count("\nwarning: ") == 3

@@ -652,3 +652,141 @@ def test_readme_example_runs_as_written(tmp_path):
         assert all(row["phi"] is not None and 0 <= row["phi"] <= 1 + 1e-9 for row in report["layers"]), name
     if "int8-lorax" in reports:  # a LoRA-X adapter survives int8 quantisation of its base
         assert reports["int8-lorax"]["summary"]["min_kept_energy"] > 0.99
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hostile inputs that need a real process: concurrent runs, kill -9, a full disk; and the packaged models
+# (tests/test_hostile.py tries the single bad inputs, most of them in-process)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _cli(*args, timeout=300, **kwargs):
+    return subprocess.run([sys.executable, "-m", "lorax_ref", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+
+
+def test_fp16_overflow_is_refused_through_the_command_line(tmp_path):
+    """|lora_B| up to 3e4 in fp16 (finite); the copy rule's factors are ~1e5: they used to be written as Inf
+    (exit 0, a refactor error of 1e-15 in the report, and a file inspect then refused)."""
+    src = _write_ckpt(tmp_path / "s.safetensors", {"blk.q": SOURCE["enc.0.attn.q"]})
+    tgt = _write_ckpt(tmp_path / "t.safetensors", {"blk.q": TARGET["enc.0.attn.q"]})
+    d = tmp_path / "p16"
+    d.mkdir()
+    g = torch.Generator().manual_seed(5)
+    save_file({"base_model.model.blk.q.lora_B.weight": (3e4 * torch.rand(16, 3, generator=g)).half(),
+               "base_model.model.blk.q.lora_A.weight": torch.rand(3, 12, generator=g).half()},
+              str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 3, "lora_alpha": 3}))
+    before = files_sha256(tmp_path)
+    run = _cli("transfer", "--source-base", src, "--target-base", tgt, "--adapter", d, "--out", tmp_path / "out",
+               "--rank", 12, "--method", "copy", "--no-cache")
+    assert run.returncode == 1 and run.stdout == "", run.stderr
+    assert run.stderr.startswith("lorax_ref: error: layer 'blk.q': B (lora_B / lora_up) does not fit float16: ")
+    assert len(run.stderr.strip().splitlines()) == 1 and "convert the adapter to float32" in run.stderr
+    assert files_sha256(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_two_concurrent_runs_one_wins(world, tmp_path):
+    """Two runs started together on the same new --out: exactly one writes it, the other fails cleanly (it used
+    to move the first output aside and replace it, both exiting 0). The in-process race is in test_adapters."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "lorax_ref", *map(str, _transfer(world, world.peft, out))]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 1], results
+    err = next(e for code, e in results if code == 1)
+    assert len(err.strip().splitlines()) == 1 and ("already exists" in err or "appeared while" in err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no scratch from the loser
+    assert set(_peft_deltas(out)) == {"enc.0.attn.q", "enc.0.attn.v", "enc.0.ffn", "enc.1.attn.q"}
+
+
+def test_kill_9_while_writing_leaves_nothing_the_next_run_keeps(world, tmp_path):
+    """A run killed (SIGKILL) half-way through writing leaves a scratch directory; the next run writing into the
+    same folder removes it, and nothing else."""
+    out = tmp_path / "out"
+    killer = (
+        "import os, signal, sys\n"
+        "import lorax_ref.adapters as adapters\n"
+        "from lorax_ref.cli import main\n"
+        "def save_then_die(adapter, d):\n"
+        "    (d / 'adapter_model.safetensors').write_bytes(b'partial')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "adapters.save_peft = save_then_die\n"
+        "main(sys.argv[1:])\n")
+    run = subprocess.run([sys.executable, "-c", killer, *map(str, _transfer(world, world.peft, out))],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == -9
+    (scratch,) = tmp_path.iterdir()
+    assert scratch.name.startswith(".out.lorax-tmp-") and (scratch / "adapter_model.safetensors").read_bytes() == b"partial"
+    (tmp_path / "mine").mkdir()  # the user's own things are never touched
+    assert main([str(a) for a in _transfer(world, world.peft, tmp_path / "other")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "other"]
+
+
+def test_full_disk_under_the_cache_only_costs_speed(world, tmp_path):
+    """Cache entries (~300 kB) fail to write, with safetensors' own SafetensorError ("File too large" under
+    RLIMIT_FSIZE, as "No space left on device" on a full disk); the transfer (~20 kB of output) succeeds."""
+    import resource
+
+    W = spectral(200, 160, 0)
+    src = _write_ckpt(tmp_path / "s.safetensors", {"big.q": W})
+    tgt = _write_ckpt(tmp_path / "t.safetensors", {"big.q": near(W, 0.1, 1)})
+    assert main(["random-adapter", "--base", str(src), "--modules", "q", "--rank", "2", "--out", str(tmp_path / "ad"),
+                 "--no-cache"]) == 0
+    limit = 64 * 1024  # bytes per file
+
+    def small_files():  # in the child: python itself ignores SIGXFSZ, so a large write fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    cache = tmp_path / "cache"
+    run = _cli("transfer", "--source-base", src, "--target-base", tgt, "--adapter", tmp_path / "ad", "--out",
+               tmp_path / "out", "--rank", 100, "--cache-dir", cache, "--json", preexec_fn=small_files)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["cache"]["misses"] == 2 and report["summary"]["transferred"] == 1
+    assert [p for p in cache.rglob("*") if p.is_file()] == []  # nothing half-written left in the cache
+    assert set(_peft_deltas(tmp_path / "out")) == {"big.q"}
+
+
+def test_packaged_model_directory_is_protected(tmp_path, monkeypatch, capsys):
+    """--source-base minilm-l6 --out <its installed model directory> --force used to delete model.safetensors and
+    config.json. Here the alias points to a model directory made for the test, so a failure destroys nothing."""
+    from lorax_ref import checkpoints
+
+    model_dir = tmp_path / "site-packages" / "pkg" / "model"
+    model_dir.mkdir(parents=True)
+    model = _write_ckpt(model_dir / "model.safetensors", SOURCE)
+    (model_dir / "config.json").write_text("{}")
+    real = checkpoints.packaged_file
+    monkeypatch.setattr(checkpoints, "packaged_file",
+                        lambda dist, rel: model if dist == checkpoints.PACKAGED_MODELS["minilm-l6"].dist else real(dist, rel))
+    adapter = tmp_path / "ad"
+    assert main(["random-adapter", "--base", "minilm-l6", "--modules", r"attn\.q$", "--out", str(adapter), "--no-cache"]) == 0
+    target = _write_ckpt(tmp_path / "target.safetensors", TARGET)
+    before = files_sha256(model_dir.parent)
+    for out in (model_dir, model_dir.parent, model_dir / "sub"):
+        code, _, err = _run(["transfer", "--source-base", "minilm-l6", "--target-base", target, "--adapter", adapter,
+                             "--out", out, "--rank", R, "--no-cache", "--quiet", "--force"], capsys)
+        _assert_clean_error(code, "", err, "would overwrite the input")
+        code, _, err = _run(["random-adapter", "--base", "minilm-l6", "--modules", r"attn\.q$", "--out", out, "--force",
+                             "--no-cache"], capsys)
+        _assert_clean_error(code, "", err, "would overwrite the input")
+    code, _, err = _run(["random-adapter", "--base", "minilm-l6", "--out", tmp_path / "x", "--cache-dir", model_dir / "c"],
+                        capsys)
+    _assert_clean_error(code, "", err, "lies inside the input")
+    assert files_sha256(model_dir.parent) == before and sorted(p.name for p in model_dir.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_outputs_follow_the_umask(world, tmp_path, capsys):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        code, _, err = _run(_transfer(world, world.peft, tmp_path / "new" / "out"), capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    for d in (tmp_path / "new", tmp_path / "new" / "out"):  # used to be 0o700 whatever the umask
+        assert d.stat().st_mode & 0o777 == 0o750
+    assert all(p.stat().st_mode & 0o777 == 0o640 for p in (tmp_path / "new" / "out").iterdir())

@@ -1,4 +1,5 @@
 """Every bad input gets a LoraxInputError whose message names the problem and the offending values."""
+import math
 import re
 
 import numpy as np
@@ -164,3 +165,116 @@ def test_inputs_are_not_modified():
     L.transfer_mismatch(dW_s, U_s, V_s, U_b, V_b)
     for a, b in zip(before, (dW_s, W_s, W_t, dSigma, U_s, V_s)):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs that once slipped through: a silently wrong number or a raw torch error instead of one clear line
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tau, match", [
+    (float("nan"), r"threshold=nan is out of range: Φ lies in \[0, 1\]"),  # NaN used to disable the gate
+    (1.5, r"threshold=1.5 is out of range"),  # used to gate every layer
+    (-0.1, r"threshold=-0.1 is out of range"),
+    (True, r"threshold must be None or a number in \[0, 1\], got bool True"),  # used to gate every layer
+    ("0.5", r"threshold must be None or a number in \[0, 1\], got str '0.5'"),  # used to raise a raw TypeError
+    (torch.tensor(0.5), r"threshold must be None or a number in \[0, 1\], got Tensor"),
+])
+def test_threshold_is_validated_in_the_api(tau, match):
+    raises(match, L.transfer_layer, dW_s, W_s, W_t, 3, threshold=tau)
+    raises(match, L.transfer_layer_from_bases, dW_s, U_s, V_s, U_t, V_t, threshold=tau)
+
+
+def test_threshold_accepts_numbers_in_range():
+    for tau in (0, 1, 0.25, np.float64(0.25), np.float32(1.0)):
+        _, rep = L.transfer_layer(dW_s, W_s, W_t, 3, threshold=tau)
+        assert rep.threshold == float(tau) and rep.gated == (rep.phi < float(tau))
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 1e300, 1e-300])
+def test_kept_energy_is_scale_free(scale):
+    """‖·‖² of an update at 1e200 overflows float64 and at 1e-200 underflows; the ratio must not care."""
+    _, rep = L.transfer_layer(dW_s * scale, W_s, W_t, 3)
+    # oracle: numpy at scale 1 (every transfer rule is linear in ΔW_s, so the ratio does not depend on it)
+    Ut, Vt = (np.linalg.svd(W_t.numpy())[0][:, :3], np.linalg.svd(W_t.numpy())[2][:3].T)
+    dW = dW_s.numpy()
+    expect = np.linalg.norm(Ut @ Ut.T @ dW @ Vt @ Vt.T) ** 2 / np.linalg.norm(dW) ** 2
+    assert rep.kept_energy == pytest.approx(expect, rel=1e-12)
+    assert math.isnan(L.transfer_layer(0 * dW_s, W_s, W_t, 3)[1].kept_energy)  # ΔW_s = 0: documented NaN
+
+
+def test_svd_topk_refuses_singular_values_beyond_the_dtype_range():
+    """fp16 ends at 65504: an 8×6 block of 6e4 has σ_1 = 6e4·√48 ≈ 4.2e5, which used to come back as Inf."""
+    W = torch.full((8, 6), 6e4, dtype=torch.float16)
+    msg = raises(r"top singular value of W \(4.157e\+05\) is beyond the float16 range \(max 6.55e\+04\)", L.svd_topk, W, 2)
+    assert "W.float()" in msg
+    S = L.svd_topk(W.float(), 1)[1]  # the way out the message gives (W has rank 1)
+    assert float(S[0]) == pytest.approx(np.linalg.svd(W.double().numpy(), compute_uv=False)[0], rel=1e-6)
+    small = torch.full((8, 6), 1e3, dtype=torch.float16)  # σ_1 ≈ 6928 fits: still returned in float16
+    assert L.svd_topk(small, 2)[1].dtype == torch.float16
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("make, match", [
+    (lambda: torch.empty(8, 6, dtype=torch.float64, device="meta"), r"W is a meta tensor \(shape \(8, 6\), no values\)"),
+    (lambda: W_s.to_sparse(), r"W has layout torch.sparse_coo; pass a dense tensor \(W.to_dense\(\)\)"),
+    (lambda: W_s.to_sparse_csr(), r"W has layout torch.sparse_csr"),
+])
+def test_meta_and_sparse_tensors(make, match):
+    raises(match, L.svd_topk, make(), 2)  # used to be "Tensor.item() cannot be called on meta tensors" / NotImplementedError
+
+
+def test_meta_and_sparse_tensors_in_every_argument():
+    meta = {k: v.to("meta") for k, v in dict(U_s=U_s, dSigma=dSigma, V_s=V_s).items()}
+    raises(r"U_s is a meta tensor", L.lorax_delta, meta["U_s"], meta["dSigma"], meta["V_s"])
+    raises(r"dSigma_s has layout torch.sparse_coo", L.lorax_delta, U_s, dSigma.to_sparse(), V_s)
+    raises(r"dW has layout torch.sparse_coo", L.project, dW_s.to_sparse(), U_s, V_s)
+
+
+def test_size_guard_refuses_before_allocating():
+    """A 100000×100000 view of one element is 4 bytes; its SVD needs ~280 GB: refused at once, naming the size."""
+    import resource
+    import time
+
+    W = torch.ones(1, 1).expand(100000, 100000)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    msg = raises(r"the SVD of a 100000x100000 float32 matrix W needs about 280 GB of memory, but only .* is free on cpu",
+                 L.svd_topk, W, 8)
+    assert time.perf_counter() - t0 < 2.0, msg  # not even the NaN scan of 1e10 entries ran (3 s)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 100_000  # kB: nothing big was allocated
+
+
+def test_memory_estimate_of_the_guard():
+    from lorax_ref.linalg import svd_memory
+
+    # working copy + U + Vh + 4k² + 8·max(m, n) + k, in bytes of the compute dtype
+    assert svd_memory(100000, 100000, torch.float32) == 4 * (3 * 10**10 + 4 * 10**10 + 8 * 10**5 + 10**5)
+    assert svd_memory(64, 48, torch.float64) == 8 * (64 * 48 + 64 * 48 + 48 * 48 + 4 * 48 * 48 + 8 * 64 + 48)
+
+
+def test_ill_posed_but_legal_inputs_are_reported():
+    """A tie σ_r = σ_{r+1}, rank < r or a zero W: the bases are decided by rounding, and the report says so.
+
+    W_t = diag(3, 2, 1, 1, 0.5) with r = 3: a change of 1e-12 in one entry moves Φ_U from 1 to 2/3 (the third
+    basis vector is e_3 or e_4), both correct answers for inputs that close.
+    """
+    W_src = torch.diag(T([3.0, 2.0, 1.0, 0.9, 0.5]))  # top-3 subspace: e1, e2, e3 (gap 0.1)
+    W_tie = torch.diag(T([3.0, 2.0, 1.0, 1.0, 0.5]))
+    dW = T(RNG.standard_normal((5, 5)))
+    _, rep = L.transfer_layer(dW, W_src, W_src, 3)
+    assert rep.warnings == ()  # well posed: no warning
+    _, rep = L.transfer_layer(dW, W_src, W_tie, 3)
+    assert len(rep.warnings) == 1 and rep.warnings[0].startswith("W_t has σ_3 = σ_4")
+    for eps, phi in ((-1e-12, 1.0), (1e-12, 2 / 3)):  # oracle: the top-3 subspace of a diagonal matrix
+        W_near = W_tie.clone()
+        W_near[3, 3] += eps
+        _, rep = L.transfer_layer(dW, W_src, W_near, 3)
+        assert rep.phi_u == pytest.approx(phi, abs=1e-9)
+        assert len(rep.warnings) == 1 and rep.warnings[0].startswith("W_t has σ_3 ≈ σ_4 (gap 3.3e-13·σ_1)")  # 1e-12 / σ_1
+    _, rep = L.transfer_layer(dW, W_src, torch.zeros(5, 5, dtype=torch.float64), 3)
+    assert rep.warnings == ("W_t is zero: every 3-dimensional subspace is a top-3 subspace, so its bases are arbitrary",)
+    _, rep = L.transfer_layer(dW, torch.diag(T([3.0, 2.0, 0.0, 0.0, 0.0])), W_src, 3)
+    assert len(rep.warnings) == 1 and rep.warnings[0].startswith("W_s has numerical rank 2 < r=3")
+    _, rep = L.transfer_layer(dW, W_src, W_tie, 5)  # r = min(m, n): the subspace is everything, no tie to report
+    assert rep.warnings == ()

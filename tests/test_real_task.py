@@ -182,7 +182,7 @@ def test_saved_adapters_match_the_current_recipe():
     """The adapters kept in the repo were made with today's TaskConfig/FinetuneConfig, and are tiny."""
     adapters, cfg, ft = rt.load_adapters()
     assert cfg == rt.TaskConfig() and ft == rt.FinetuneConfig()
-    assert rt.ADAPTER_FILE.stat().st_size < 600_000
+    assert rt.ADAPTER_FILE.stat().st_size < 1_000_000  # float64: 0.85 MB for 27 adapters
     n_lorax = sum(t.numel() for t in adapters["source/lorax/seed0"].values())
     assert n_lorax == len(rt.adapter_names(cfg)) * cfg.r  # r numbers per adapted weight
     results = json.loads(rt.RESULTS_FILE.read_text())
@@ -195,7 +195,7 @@ def test_saved_adapters_match_the_current_recipe():
 @pytest.mark.slow
 @needs_bbc
 def test_script_reproduces_the_saved_adapters():
-    """Retrain everything (4-14 min on one core) and compare with the saved ΔΣ vectors and LoRA factors."""
+    """Retrain everything (about 4 min of CPU on one core, in float64) and compare with the saved ΔΣ vectors and LoRA factors."""
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_bbc_adapters.py"), "--check"],
                          check=False, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

@@ -1,0 +1,49 @@
+"""``make test``: the whole suite, the notebooks checked under two sets of other numerics side by side.
+
+    python scripts/run_tests.py [pytest arguments]
+
+* process 1: ``pytest tests notebooks --nbval``, notebook kernels under the numerics set ``other1``;
+* process 2, at the same time: ``pytest notebooks --nbval`` under ``other2`` (see notebooks/conftest.py).
+
+Each set is one draw of "another machine" and flags fragile digits the other may miss. Notebook kernels
+run on one thread, so the two processes share two cores. Process 2's output follows process 1's. The exit
+status is 0 only when both pass. With ``LORAX_NBVAL_NUMERICS`` set, only process 1 runs, under that set.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NBVAL = ["--nbval", "--nbval-current-env", "--nbval-sanitize-with", "notebooks/sanitize.cfg"]
+NO_TESTS_COLLECTED = 5  # pytest's exit status when a -k/-m selection leaves nothing to run
+
+
+def pytest(args: list[str], numerics: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "LORAX_NBVAL_NUMERICS": numerics}
+    return subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=ROOT, env=env, **kw)
+
+
+def main(extra: list[str]) -> int:
+    chosen = os.environ.get("LORAX_NBVAL_NUMERICS")
+    first = pytest(["tests", "notebooks", *NBVAL, *extra], chosen or "other1")
+    if chosen:
+        return first.wait()
+    with tempfile.TemporaryFile("w+") as log:
+        second = pytest(["notebooks", *NBVAL, "-q", *extra], "other2", stdout=log, stderr=subprocess.STDOUT)
+        rc1, rc2 = first.wait(), second.wait()
+        log.seek(0)
+        print("\n======== notebooks again, under the second set of other numerics (other2) ========", flush=True)
+        sys.stdout.write(log.read())
+    if rc2 == NO_TESTS_COLLECTED and extra:
+        rc2 = 0  # the selection matched no notebook cell
+    print(f"\nunit tests + notebooks (other1): {'passed' if rc1 == 0 else f'FAILED ({rc1})'};  "
+          f"notebooks (other2): {'passed' if rc2 == 0 else f'FAILED ({rc2})'}")
+    return rc1 or rc2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
