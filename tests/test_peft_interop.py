@@ -357,10 +357,12 @@ def test_kohya_round_trip_through_the_real_model(world):
     src = _kohya_deltas(world.kohya_file)
     assert sorted(out) == sorted(src) and len(out) == 4
     dW_t = world.dW_t["kohya-peft"]
+    errs = {}
     for kohya_name, delta in out.items():
         ref = dW_t[kohya_name.removeprefix("lora_unet_").replace("_", ".")]
-        err = np.linalg.norm(delta - ref) / np.linalg.norm(ref)
-        assert err < WEIGHT_RTOL, (kohya_name, err)
+        errs[kohya_name] = np.linalg.norm(delta - ref) / np.linalg.norm(ref)
+    assert max(errs.values()) < WEIGHT_RTOL, errs
+    print(f"kohya: {len(errs)} layers, max rel. error of the written ΔW {max(errs.values()):.2e}")
     t_in, t_out = load_numpy(str(world.kohya_file)), load_numpy(str(world.out["kohya"] / "lora.safetensors"))
     assert {k: v.shape for k, v in t_in.items()} == {k: v.shape for k, v in t_out.items()}
     assert all(t_out[k] == t_in[k] for k in t_in if k.endswith(".alpha"))
