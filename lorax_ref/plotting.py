@@ -185,5 +185,6 @@ def rotation_form(R_u, R_v, cos_u, cos_v, *, title: str, width: int = 900, heigh
     low = math.floor(20 * min(min(cos_u), min(cos_v))) / 20  # down to the next multiple of 0.05
     fig.update_yaxes(range=[low - 0.005, 1.005], row=1, col=3)
     fig.update_xaxes(title_text="i", row=1, col=3)
-    fig.update_layout(title=title, legend={"orientation": "h", "x": 0.72, "y": -0.22}, width=width, height=height)
+    fig.update_layout(title=title, width=width, height=height,  # the legend sits in the empty lower part of the panel
+                      legend={"x": 0.80, "y": 0.04, "xanchor": "left", "yanchor": "bottom", "bgcolor": "rgba(255,255,255,0.8)"})
     return fig
