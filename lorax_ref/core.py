@@ -64,7 +64,7 @@ def lorax_delta(U_s: torch.Tensor, dSigma_s: torch.Tensor, V_s: torch.Tensor) ->
 
 
 def project(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    r"""Eq. (2) — a LoRA-X update is a fixed point of the source's two-sided projection, computed here.
+    r"""Eq. (2) — a LoRA-X update is a fixed point of the source's two-sided projection (computed here).
 
     Returns :math:`U U^\top\, \Delta W\, V V^\top`, the projection of ``dW`` onto the spans of ``U``
     (left) and ``V`` (right). Eq. (2) is the statement that, with the source bases,
