@@ -426,7 +426,11 @@ def execute(nb, cwd: Path, timeout: int) -> None:
 
     with tempfile.TemporaryDirectory(prefix="lorax-kernel-") as tmp:
         km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(tmp) / "kernel"))
-        NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(cwd)}}).execute()
+        try:
+            NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(cwd)}}).execute()
+        finally:  # a client given its kernel manager leaves the kernel running: stop it before the next one
+            if km.has_kernel:
+                km.shutdown_kernel(now=True)
 
 
 def plotly_js() -> Path:

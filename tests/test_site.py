@@ -205,6 +205,7 @@ def test_execute_reports_each_notebook_and_talks_to_the_kernel_over_ipc(tmp_path
     assert done.returncode == 0, done.stderr
     assert re.search(r"^\[1/1\] 99_tiny\.ipynb \d+ s$", done.stdout, re.M), done.stdout
     assert "TCP" not in done.stderr + done.stdout
+    assert "WARNING" not in done.stderr, done.stderr  # e.g. a kernel left running until this process exits
     assert "42" in (tmp_path / "site" / "99_tiny.html").read_text(encoding="utf-8")
     assert nbformat.read(path, as_version=4).cells[0].outputs == []  # executed in memory only
 
