@@ -94,8 +94,9 @@ def _notebook(path: Path, cells: list[str]) -> None:
 
 
 def _execute_natively(path: Path) -> None:
+    env = {**os.environ, "LORAX_NBVAL_NUMERICS": "native"}  # as `make notebooks` records them
     subprocess.run([sys.executable, "-m", "nbconvert", "--to", "notebook", "--execute", "--inplace",
-                    str(path)], check=True, capture_output=True, cwd=path.parent)
+                    str(path)], check=True, capture_output=True, cwd=path.parent, env=env)
 
 
 def _nbval(folder: Path, numerics: str = "other1") -> subprocess.CompletedProcess:
