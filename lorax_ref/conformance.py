@@ -25,10 +25,14 @@ from the reference by ``scripts/make_golden.py``), then properties on hypothesis
 numpy/scipy in float64 — never by calling lorax_ref's own function. A failing property is shrunk to
 the smallest failing input hypothesis finds; the row shows it with the observed and expected values and,
 where it recognises one, the likely mistake (a constant factor such as a forgotten α/r, a transpose, a
-no-op). When checks fail, the kit re-runs them under the other conventions (numpy ↔ torch, V ↔ Vh) and
-at the lower precisions, and says whether it found a *convention mismatch* (some convention passes
-everything), a formula that is *right at a lower precision* (float32 inputs and tolerances pass
-everything: "use --dtype float32"), or a *wrong formula* (nothing does).
+no-op). The report is reproducible: hypothesis runs derandomized and without the literals of the
+modules loaded in the process (:func:`_without_local_constants`), and shrinking is bounded by a number
+of examples (``shrink_steps``), not by time, so every machine checks the same examples and shows the
+same smallest failing inputs (a time limit, ``shrink_budget``, only guards against slow candidates; a
+row it cut short says so). When checks fail, the kit re-runs them under the other conventions
+(numpy ↔ torch, V ↔ Vh) and at the lower precisions, and says whether it found a *convention mismatch*
+(some convention passes everything), a formula that is *right at a lower precision* (float32 inputs and
+tolerances pass everything: "use --dtype float32"), or a *wrong formula* (nothing does).
 
 **Tolerances** (:class:`Precision`). A check compares ``max |observed − expected|`` with
 ``rtol · scale``, where ``scale`` is the size of the expected value or of the update the equation acts
@@ -76,7 +80,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -92,7 +96,9 @@ from .testing.strategies import cases, matrices, orthonormal, top_r_bases
 GOLDEN_PATH = Path(__file__).parent / "data" / "golden" / "lorax_golden_v1.json"
 DEFAULT_MAX_EXAMPLES = 25  # per property; hypothesis then shrinks a failure
 DEFAULT_TIMEOUT = 5.0  # seconds per call; every call of the kit is on matrices of at most 16×16
-DEFAULT_SHRINK_BUDGET = 1.0  # seconds of shrinking per failing property
+DEFAULT_SHRINK_STEPS = 200  # new examples tried while shrinking one failing property: a count, so every machine
+# shrinks to the same example (the gallery's shrinks end on their own within 62; measured)
+DEFAULT_SHRINK_BUDGET = 10.0  # seconds: a safety net for slow candidates only (the gallery's shrinks take < 2 s)
 LOAD_TIMEOUT = 120.0  # seconds for a child process to start and import the candidate (torch alone takes seconds)
 MAX_DIM = 16  # largest m, n of a generated layer: mistakes show on small layers, and draws cost ~ size
 MIN_DIM = 2  # smallest m, n: on a 1×1 layer every wrong value is "a constant factor" off, which explains nothing
@@ -1619,22 +1625,85 @@ class _StopShrinking(BaseException):
     """Ends hypothesis' shrinking when the budget is spent (a BaseException: hypothesis lets it through)."""
 
 
-def _search(check: Check, call: _Runner, max_examples: int, shrink: bool, budget: float):
-    """The smallest example (hypothesis ``find``) on which ``check.verify`` fails, and its Failure.
+class _Budget(NamedTuple):
+    """How far a failing property is shrunk: ``steps`` new examples (deterministic), ``seconds`` at most."""
 
-    Shrinking stops after ``budget`` seconds; the smallest failing example found by then is returned
+    steps: int
+    seconds: float
+
+
+_constants_lock = threading.Lock()
+_constants_state: dict[str, Any] = {"users": 0, "saved": None}  # searches running, hypothesis' own pool function
+
+
+@contextlib.contextmanager
+def _without_local_constants():
+    """Hypothesis' examples without the literals of the modules loaded in this process.
+
+    Recent hypothesis versions draw about one number in twenty from the literal constants of every
+    *local* module in ``sys.modules`` (any file outside site-packages and the standard library). The
+    kit's examples, and so its verdicts, would depend on what else the process has imported — the
+    user's own modules, a notebook's helpers, a test harness — and on whether lorax_ref itself is
+    installed from a wheel or from a checkout (seen: a check that fails on one and passes on the other).
+    While the kit searches, that pool is empty (hypothesis' built-in constants stay): the same
+    candidate gets the same examples everywhere, and no constants cache is written into the current
+    directory. A hypothesis without the feature is left as it is.
+    """
+    try:
+        from hypothesis.internal.conjecture import providers
+        from hypothesis.internal.constants_ast import Constants
+    except ImportError:  # pragma: no cover — a hypothesis without local constants
+        yield
+        return
+    if not (callable(getattr(providers, "_get_local_constants", None)) and hasattr(providers, "CONSTANTS_CACHE")):
+        yield  # pragma: no cover
+        return
+    state = _constants_state
+    with _constants_lock:  # checks may run in several threads: the first in switches the pool off, the last out on
+        if state["users"] == 0:
+            state["saved"] = providers._get_local_constants
+            providers._get_local_constants = Constants  # an empty pool
+            providers.CONSTANTS_CACHE.cache.clear()  # it caches the pool's values per kind of draw
+        state["users"] += 1
+    try:
+        yield
+    finally:
+        with _constants_lock:
+            state["users"] -= 1
+            if state["users"] == 0:
+                providers._get_local_constants = state["saved"]
+                providers.CONSTANTS_CACHE.cache.clear()
+
+
+def _search(check: Check, call: _Runner, max_examples: int, shrink: bool, budget: _Budget):
+    """The smallest example (hypothesis ``find``) on which ``check.verify`` fails, its Failure, and whether
+    shrinking was cut short by ``budget.seconds`` (then another machine may end on another example).
+
+    Hypothesis runs derandomized and without the constants of the modules loaded here
+    (:func:`_without_local_constants`). Shrinking stops after ``budget.steps`` new examples — a count,
+    not a time, so that a slower or busier machine shrinks to the same example — or, as a safety net for
+    slow candidates, after ``budget.seconds``; the smallest failing example found by then is returned
     (each example hypothesis' shrinker accepts is smaller than the one before).
     """
     cache: dict[str, Failure | None] = {}
-    first: list[float] = []
+    first: list[float] = []  # when the first failing example was found
+    steps = [0]  # new examples checked since then
+    timed_out = [False]
     best: list[Example] = []
 
     def failing(ex: Example) -> bool:
         key = ex.key()
         if key in cache:  # also makes hypothesis' final replay agree with the search
             return cache[key] is not None
-        if (first and time.perf_counter() - first[0] > budget) or call.hung:
+        if call.hung:
             raise _StopShrinking
+        if first:
+            if steps[0] >= budget.steps:
+                raise _StopShrinking
+            if time.perf_counter() - first[0] > budget.seconds:
+                timed_out[0] = True
+                raise _StopShrinking
+            steps[0] += 1
         fail = check.verify(call, ex)
         cache[key] = fail
         if fail is not None:
@@ -1648,17 +1717,18 @@ def _search(check: Check, call: _Runner, max_examples: int, shrink: bool, budget
         suppress_health_check=list(HealthCheck),
     )
     try:
-        ex = find(check.examples, failing, settings=config)
+        with _without_local_constants():
+            ex = find(check.examples, failing, settings=config)
     except NoSuchExample:
-        return None, None
+        return None, None, False
     except _StopShrinking:
         if not best:
-            return None, None
+            return None, None, False
         ex = best[0]
-    return ex, cache[ex.key()]
+    return ex, cache[ex.key()], timed_out[0]
 
 
-def _run_checks(spec: Spec, call: _Runner, max_examples: int, shrink: bool, budget: float, golden: dict | None,
+def _run_checks(spec: Spec, call: _Runner, max_examples: int, shrink: bool, budget: _Budget, golden: dict | None,
                 golden_name: str, only: set | None = None, skip: set = frozenset(), first_failure: bool = False) -> list[Row]:
     """Golden cases (when ``golden`` is given), then every property check (or those in ``only``, less ``skip``);
     with ``first_failure``, nothing after the first failing row (a diagnosis needs no more)."""
@@ -1682,7 +1752,7 @@ def _run_checks(spec: Spec, call: _Runner, max_examples: int, shrink: bool, budg
                             kind="hung"))
             continue
         try:
-            ex, fail = _search(check, call, max_examples, shrink, budget)
+            ex, fail, timed_out = _search(check, call, max_examples, shrink, budget)
         except Exception as exc:  # noqa: BLE001 — a kit or hypothesis problem must not hide the other rows
             rows.append(Row(check.id, check.name, False, f"the kit could not run this check: {type(exc).__name__}: {_one_line(exc)}",
                             kind="kit"))
@@ -1690,7 +1760,9 @@ def _run_checks(spec: Spec, call: _Runner, max_examples: int, shrink: bool, budg
         if fail is None:
             rows.append(Row(check.id, check.name, True, seconds=time.perf_counter() - t0))
         else:
-            rows.append(Row(check.id, check.name, False, fail.message, ex.describe(), fail.observed, fail.expected,
+            message = fail.message + (f"\n(shrinking stopped at its time limit of {budget.seconds:g} s: a smaller failing "
+                                      f"input may exist, and another machine may show another one)" if timed_out else "")
+            rows.append(Row(check.id, check.name, False, message, ex.describe(), fail.observed, fail.expected,
                             inputs=dict(ex.inputs), seconds=time.perf_counter() - t0, kind=fail.kind))
     return rows
 
@@ -1756,11 +1828,12 @@ def _diagnose(spec: Spec, session, adapter: Adapter, rows: list[Row], runner: _R
     def attempt(alt: Adapter) -> tuple[set, _Runner]:
         """The kinds of the first failure under ``alt`` (empty: every check passes), and its runner."""
         alt_runner = _Runner(session, spec, alt, timeout)
-        first = _run_checks(spec, alt_runner, quick, False, 0.0, golden if "golden" in failed else None, golden_name,
+        no_shrink = _Budget(0, 0.0)
+        first = _run_checks(spec, alt_runner, quick, False, no_shrink, golden if "golden" in failed else None, golden_name,
                             only=set(failed), first_failure=True)
         bad = [r for r in first if r.passed is False]
         if not bad:
-            rest = _run_checks(spec, alt_runner, quick, False, 0.0, golden if "golden" not in failed else None,
+            rest = _run_checks(spec, alt_runner, quick, False, no_shrink, golden if "golden" not in failed else None,
                                golden_name, skip=set(failed), first_failure=True)
             bad = [r for r in rest if r.passed is False]
         nonlocal ran_anywhere
@@ -1820,6 +1893,7 @@ def check(
     timeout: float = DEFAULT_TIMEOUT,
     golden: bool | str | os.PathLike = True,
     diagnose: bool = True,
+    shrink_steps: int = DEFAULT_SHRINK_STEPS,
     shrink_budget: float = DEFAULT_SHRINK_BUDGET,
 ) -> Result:
     """Check ``func`` against one equation; returns a :class:`Result` (``str()`` it for the report).
@@ -1838,7 +1912,10 @@ def check(
         golden: True for the packaged golden file, a path for another one, False to skip it.
         diagnose: on failure, re-run under the other conventions and lower precisions to tell a convention
             mismatch or a lower-precision implementation from a wrong formula.
-        shrink_budget: seconds spent shrinking each failing property.
+        shrink_steps: new examples tried while shrinking each failing property (a count: the report is the
+            same on every machine).
+        shrink_budget: at most this many seconds of shrinking per failing property (a safety net for slow
+            candidates; a row whose shrinking it cut short says so).
     """
     target = os.fspath(func) if isinstance(func, (str, os.PathLike)) else None
     if target is None and not callable(func):
@@ -1861,6 +1938,8 @@ def check(
         raise LoraxInputError(f"max_examples must be a positive int, got {max_examples!r}")
     if not timeout > 0:
         raise LoraxInputError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if isinstance(shrink_steps, bool) or not isinstance(shrink_steps, int) or shrink_steps < 0:
+        raise LoraxInputError(f"shrink_steps must be an int >= 0, got {shrink_steps!r}")
     gold = None
     golden_name = ""
     if golden is not False:
@@ -1874,7 +1953,7 @@ def check(
     try:
         runner = _Runner(session, spec, adapter, timeout)
         with _single_threaded_torch():
-            rows = _run_checks(spec, runner, max_examples, True, shrink_budget, gold, golden_name)
+            rows = _run_checks(spec, runner, max_examples, True, _Budget(shrink_steps, shrink_budget), gold, golden_name)
             if diagnose or all(r.passed is not False for r in rows):
                 diagnosis, message, suggestion = _diagnose(spec, session, adapter, rows, runner, max_examples, timeout,
                                                            gold, golden_name)

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -279,6 +280,67 @@ def test_gallery_candidates_are_really_wrong_by_an_independent_computation():
     assert gallery.similarity_over_rs_rt(T(Ua), T(Ub)) == pytest.approx(phi / 3)
 
 
+# -------------------------------------------------------------- reproducible reports: the same on every machine
+
+# A module full of numbers in the ranges the kit's strategies draw from (sizes, ranks, seeds, spectra, scales).
+MANY_LITERALS = "CONSTANTS = [" + ", ".join(
+    repr(float(x)) for x in np.random.default_rng(0).uniform(0, 14, 60)) + ", " + ", ".join(
+    str(int(x)) for x in np.random.default_rng(1).integers(17, 2**32 - 1, 60)) + "]\n"
+
+
+def test_examples_do_not_depend_on_the_modules_loaded_and_nothing_is_written_to_the_current_directory(tmp_path):
+    """Hypothesis draws some numbers from the literals of every local module loaded in the process. Were
+    that on in the kit, what else the process imported (the user's own code, a notebook's test harness,
+    lorax_ref from a checkout rather than a wheel) would change the examples, and with them verdicts (a
+    ``linear`` row of ``vh_columns_as_v`` failed or passed with it); and hypothesis would leave a cache of
+    those literals in the user's directory."""
+    (tmp_path / "many_literals.py").write_text(MANY_LITERALS)
+    code = """if True:
+        import hashlib, json, sys
+        sys.dont_write_bytecode = True
+        import lorax_ref
+        from lorax_ref.conformance import check
+        def examples():
+            seen = []
+            def recording(dW_s, U_t, V_t):
+                seen.append(hashlib.sha1(dW_s.numpy().tobytes() + U_t.numpy().tobytes()).hexdigest())
+                return lorax_ref.transfer_same_dim(dW_s, U_t, V_t)
+            assert check(recording, "eq3", max_examples=10, golden=False).passed
+            return seen
+        before = examples()
+        import many_literals
+        print(len(before), json.dumps(before == examples()))
+    """
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n, same = proc.stdout.split()
+    assert int(n) >= 60 and same == "true"  # every call of the candidate, on the same inputs
+    assert [p.name for p in tmp_path.iterdir()] == ["many_literals.py"]  # no .hypothesis/ left behind
+
+
+def test_shrinking_ends_on_the_same_example_on_a_slower_machine():
+    """Shrinking is bounded by a number of examples, not by seconds: a slower machine (here: a slower
+    candidate) reports the same smallest failing inputs, with the same values."""
+    def slower(U_t, U_s, dSigma_s, V_s, V_t):
+        time.sleep(0.005)
+        return gallery.copy_without_rotation(U_t, U_s, dSigma_s, V_s, V_t)
+
+    def report(result):
+        return [(r.id, r.status, r.message, r.example, r.observed, r.expected) for r in result.rows]
+
+    fast = run(gallery.copy_without_rotation, "eq3-rotation-form", max_examples=10, diagnose=False)
+    slow = run(slower, "eq3-rotation-form", max_examples=10, diagnose=False)
+    assert report(slow) == report(fast)
+    assert fast.row("sign-covariant").passed is False  # a property that needs shrinking (its first failure is not minimal)
+    assert "time limit" not in str(fast)
+
+
+def test_a_row_says_when_its_shrinking_was_cut_by_the_time_limit():
+    result = run(gallery.copy_without_rotation, "eq3-rotation-form", max_examples=10, diagnose=False, shrink_budget=0.0)
+    row = result.row("sign-covariant")
+    assert row.passed is False and "shrinking stopped at its time limit of 0 s" in row.message
+
+
 # ----------------------------------------------------------------------------- robustness: reported, not crashed
 
 
@@ -347,6 +409,8 @@ def test_kit_arguments_are_validated():
         C.check("x.py:f", "eq3", C.Adapter(call=lambda f, i: f(**i)))
     with pytest.raises(L.LoraxInputError, match="max_examples"):
         C.check(L.transfer_same_dim, "eq3", max_examples=0)
+    with pytest.raises(L.LoraxInputError, match="shrink_steps"):
+        C.check(L.transfer_same_dim, "eq3", shrink_steps=-1)
 
 
 # ----------------------------------------------------------------------------------- conventions
@@ -502,10 +566,13 @@ def candidates(tmp_path):
 
 
 def test_cli_verify_exit_codes(candidates, capsys):
+    """``cli_main`` is what ``python -m lorax_ref`` runs (its return value is the exit code); each target still
+    runs in a child process. The process-level behaviours (exit codes, stdout) are checked in VERIFY_RUNS."""
     base = ["verify", "--max-examples", "5", "--equation", "eq3"]
     assert cli_main(base + [f"{candidates}:good"]) == 0
     out = capsys.readouterr().out
     assert "verdict: PASS" in out and out.count("  PASS  ") == 7
+    assert "— candidate my_lorax.good\n" in out  # check("file.py:function") loaded it in the child, by that name
     assert cli_main(base + ["--no-golden", f"{candidates}:wrong"]) == 1
     out = capsys.readouterr().out
     assert "FAIL  value" in out and "wrong formula" in out and "smallest failing input" in out
@@ -513,19 +580,34 @@ def test_cli_verify_exit_codes(candidates, capsys):
     assert "--bases Vh" in capsys.readouterr().out
     assert cli_main(base + ["--bases", "Vh", "--no-golden", f"{candidates}:for_vh"]) == 0
     capsys.readouterr()
-    assert cli_main(base + [f"{candidates}:missing"]) == 1
-    assert "has no attribute 'missing'" in capsys.readouterr().err
     assert cli_main(["verify", "--list"]) == 0
     assert "sec422-alignment-maps" in capsys.readouterr().out
 
 
-def test_python_dash_m_verify(candidates):
-    """The documented command, in a subprocess: output rows and exit code."""
-    cmd = [sys.executable, "-m", "lorax_ref", "verify", f"{candidates}:wrong", "--equation", "Eq. (3)",
-           "--max-examples", "3", "--no-diagnose", "--no-golden"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1, proc.stderr
-    assert "FAIL  value" in proc.stdout and "PASS  refuses-other-shapes" not in proc.stdout
+def test_cli_dtype_option(candidates, capsys):
+    (candidates.parent / "float32_eq3.py").write_text(HOSTILE["float32_eq3.py"])
+    base = ["verify", f"{candidates.parent / 'float32_eq3.py'}:f", "--equation", "eq3", "--max-examples", "3"]
+    assert cli_main(base) == 1  # the default run stays float64: a float32 implementation does not pass it
+    out = capsys.readouterr().out
+    assert "— lower precision: it does not run on float64 inputs" in out and "use --dtype float32" in out
+    assert cli_main(base + ["--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "adapter: torch float32 tensors" in out and "tolerance: float32: rtol = 16·u₃₂·κ" in out
+    assert "verdict: PASS — every check passed at float32 precision" in out
+
+
+def test_load_errors_name_the_problem(candidates, tmp_path):
+    """What the child process reports when it cannot load a candidate (the parent prints it as one line and
+    exits 1: VERIFY_RUNS["exit0"]); loaded here, in this process."""
+    with pytest.raises(L.LoraxInputError, match="has no attribute 'missing'"):
+        C.load_candidate(f"{candidates}:missing")
+    for name, code in (("exit1", "1"), ("exitbye", "'bye'")):
+        (tmp_path / f"{name}_at_import.py").write_text(HOSTILE[f"{name}_at_import.py"])
+        with pytest.raises(L.LoraxInputError) as err:
+            C.load_candidate(f"{tmp_path / f'{name}_at_import.py'}:f")
+        assert str(err.value) == (f"{tmp_path / f'{name}_at_import.py'} called sys.exit({code}) while being imported; "
+                                  f"a candidate's module must not end the process")
+        assert f"{name}_at_import" not in sys.modules
 
 
 # ------------------------------------------------- the command line against hostile candidates (subprocesses)
@@ -541,50 +623,70 @@ HOSTILE = {
                   "    os.write(1, b'raw write to fd 1\\n')\n    print('to stderr', file=sys.stderr)\n"
                   "    return U_t @ U_t.T @ dW_s @ V_t @ V_t.T\n"),
     "float32_eq3.py": "from lorax_ref.gallery import eq3_float32_projectors as f\n",
+    "wrong.py": "def f(dW_s, U_t, V_t):\n    return dW_s\n",
 }
+# Each is a real `python -m lorax_ref verify` (two processes, a few seconds of start-up): for what only the whole
+# process shows — its exit code and stdout, a clean end after a killed child. What the parent process does is the
+# same in cli_main, which the other CLI tests call here (their candidates still run in child processes).
 VERIFY_RUNS = {  # name: (target, extra flags)
     "exit0": ("exit0_at_import.py:f", []),
-    "exit1": ("exit1_at_import.py:f", []),
-    "exitbye": ("exitbye_at_import.py:f", []),
-    "os_exit": ("os_exit_in_call.py:f", []),
     "hang": ("hangs_in_svd.py:f", ["--timeout", "2"]),
     "chatty_json": ("chatty.py:f", ["--json", "--timeout", "60"]),
-    "f32_default": ("float32_eq3.py:f", ["--timeout", "60"]),
-    "f32_dtype": ("float32_eq3.py:f", ["--dtype", "float32", "--timeout", "60"]),
+    "wrong": ("wrong.py:f", ["--equation", "Eq. (3)", "--no-diagnose", "--no-golden", "--timeout", "60"]),
 }
 
 
 def _verify_cmd(target, flags):
-    return [sys.executable, "-m", "lorax_ref", "verify", target, "--equation", "eq3", "--max-examples", "3", *flags]
+    equation = [] if "--equation" in flags else ["--equation", "eq3"]
+    return [sys.executable, "-m", "lorax_ref", "verify", target, *equation, "--max-examples", "3", *flags]
 
 
-@pytest.fixture(scope="module")
-def verify_runs(tmp_path_factory):
-    """Every VERIFY_RUNS command, four at a time (each is two Python processes that import torch)."""
+@pytest.fixture(scope="module", autouse=True)
+def _verify_runs_started(request, tmp_path_factory):
+    """Starts every VERIFY_RUNS command when this module's first test starts (if a selected test needs
+    them), two at a time in the background. They are mostly start-up — two Python processes importing
+    torch each — and the in-process tests of this module use one core: the other one runs them meanwhile."""
+    if not any("verify_runs" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield {}
+        return
     where = tmp_path_factory.mktemp("hostile")
     for name, text in HOSTILE.items():
         (where / name).write_text(text)
-    results, pending = {}, list(VERIFY_RUNS.items())
-    while pending:
-        batch, pending = pending[:4], pending[4:]
-        procs = {name: subprocess.Popen(_verify_cmd(*args), cwd=where, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True) for name, args in batch}
-        for name, proc in procs.items():
-            out, err = proc.communicate(timeout=600)
-            results[name] = (proc.returncode, out, err)
-    return results
+
+    def verify(target, flags):
+        proc = subprocess.run(_verify_cmd(target, flags), cwd=where, capture_output=True, text=True, timeout=600)
+        return proc.returncode, proc.stdout, proc.stderr
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield {name: pool.submit(verify, *args) for name, args in VERIFY_RUNS.items()}
 
 
-@pytest.mark.parametrize("name,code", [("exit0", "0"), ("exit1", "1"), ("exitbye", "'bye'")])
-def test_cli_a_candidate_exiting_at_import_is_an_error_not_a_pass(verify_runs, name, code):
-    rc, out, err = verify_runs[name]
+@pytest.fixture(scope="module")
+def verify_runs(_verify_runs_started):
+    """``{name: (exit code, stdout, stderr)}`` of every VERIFY_RUNS command."""
+    return {name: run.result() for name, run in _verify_runs_started.items()}
+
+
+def test_cli_a_candidate_exiting_at_import_is_an_error_not_a_pass(verify_runs):
+    """sys.exit(0) at import, the one that could fake a pass; other exit codes: test_load_errors_name_the_problem."""
+    rc, out, err = verify_runs["exit0"]
     assert rc == 1 and out == "", (rc, out, err)
-    assert f"lorax_ref: error: {name}_at_import.py called sys.exit({code}) while being imported" in err
+    assert "lorax_ref: error: exit0_at_import.py called sys.exit(0) while being imported" in err
 
 
-def test_cli_a_candidate_ending_its_process_in_a_call_fails(verify_runs):
-    rc, out, err = verify_runs["os_exit"]
+def test_python_dash_m_verify(verify_runs):
+    """The documented command: output rows and exit code of a wrong formula, without diagnosis and golden cases."""
+    rc, out, err = verify_runs["wrong"]
     assert rc == 1, (rc, out, err)
+    assert "FAIL  value" in out and "PASS  refuses-other-shapes" not in out and "golden" not in out
+    assert "verdict: FAIL" in out and "not diagnosed" in out
+
+
+def test_cli_a_candidate_ending_its_process_in_a_call_fails(tmp_path, capsys):
+    (tmp_path / "os_exit_in_call.py").write_text(HOSTILE["os_exit_in_call.py"])
+    rc = cli_main(["verify", f"{tmp_path / 'os_exit_in_call.py'}:f", "--equation", "eq3", "--max-examples", "3"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
     assert "ended its process during the call (exit code 0" in out
     assert "verdict: FAIL (7 of 7 checks failed) — does not run: the candidate ended its process" in out
 
@@ -612,21 +714,6 @@ def test_cli_json_holds_nothing_the_candidate_prints(verify_runs):
     assert data["passed"] is True and data["diagnosis"] == "pass"
     assert "import-time chatter" in err and "call-time chatter" in err and "raw write to fd 1" in err
     assert "chatter" not in out and "raw write" not in out
-
-
-def test_cli_dtype_option(verify_runs):
-    rc, out, err = verify_runs["f32_default"]
-    assert rc == 1, (rc, out, err)  # the default run stays float64: a float32 implementation does not pass it
-    assert "— lower precision: it does not run on float64 inputs" in out and "use --dtype float32" in out
-    rc, out, err = verify_runs["f32_dtype"]
-    assert rc == 0, (rc, out, err)
-    assert "adapter: torch float32 tensors" in out and "tolerance: float32: rtol = 16·u₃₂·κ" in out
-    assert "verdict: PASS — every check passed at float32 precision" in out
-
-
-def test_check_with_a_target_string_runs_the_candidate_in_a_child_process(candidates):
-    result = run(f"{candidates}:good", "eq3", max_examples=3)
-    assert result.passed and result.candidate == "my_lorax.good" and len(result.rows) == 7
 
 
 @pytest.mark.slow
