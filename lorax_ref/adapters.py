@@ -95,6 +95,23 @@ REPORT_JSON = "lorax_report.json"
 REPORT_TXT = "lorax_report.txt"
 # Factors written for a layer must reproduce the reference ΔW_t to this relative Frobenius error (float64).
 REFACTOR_RTOL = 1e-9
+# The adapter_config.json fields peft 0.21 writes for a plain LoRA (LoraConfig defaults; inference_mode is True as
+# PeftModel.save_pretrained writes it). r, lora_alpha, target_modules and the patterns are filled in per adapter;
+# "peft_version" is left out, since peft did not write the file. tests/test_peft_interop.py compares with peft.
+PEFT_LORA_DEFAULTS = {
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+    "base_model_name_or_path": None, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
+    "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+    "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False, "lora_dropout": 0.0,
+    "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+    "monteclora_config": None, "peft_type": "LORA", "qalora_group_size": 16, "r": 8, "rank_pattern": {},
+    "revision": None, "target_modules": None, "target_parameters": None, "task_type": None,
+    "trainable_token_indices": None, "use_bdlora": None, "use_dora": False, "use_qalora": False,
+    "use_rslora": False, "velora_config": None,
+}
+# File names under which transformers' from_pretrained finds a model's weights next to its config.json.
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 class AdapterError(LoraxInputError):
@@ -562,18 +579,14 @@ def _peft_config(adapter: Adapter) -> dict:
     alphas = Counter(layer.alpha for layer in layers)
     r = ranks.most_common(1)[0][0]
     alpha = alphas.most_common(1)[0][0]
-    config = dict(adapter.config) if adapter.config else {
-        "peft_type": "LORA", "task_type": None, "inference_mode": True, "bias": "none", "lora_dropout": 0.0,
-        "init_lora_weights": True, "use_dora": False, "modules_to_save": None, "fan_in_fan_out": False,
-        "use_rslora": False, "layers_to_transform": None, "layers_pattern": None, "revision": None,
-    }
+    config = dict(adapter.config) if adapter.config else dict(PEFT_LORA_DEFAULTS)
     rslora = {layer.rslora for layer in layers}
     if len(rslora) > 1:
         raise AdapterError("cannot write a PEFT adapter mixing rsLoRA and plain scaling")
     config.update({
         "peft_type": "LORA",
         "r": r,
-        "lora_alpha": alpha,
+        "lora_alpha": _json_number(alpha),
         "use_rslora": rslora.pop(),
         "target_modules": [layer.module for layer in layers],
         "layers_to_transform": None,  # the explicit module list already selects the layers (names may have changed)
@@ -581,9 +594,14 @@ def _peft_config(adapter: Adapter) -> dict:
         "exclude_modules": None,
         # full module names, escaped: PEFT matches pattern keys with re.match("(.*\.)?(key)$", name)
         "rank_pattern": {re.escape(layer.module): layer.rank for layer in layers if layer.rank != r},
-        "alpha_pattern": {re.escape(layer.module): layer.alpha for layer in layers if layer.alpha != alpha},
+        "alpha_pattern": {re.escape(layer.module): _json_number(layer.alpha) for layer in layers if layer.alpha != alpha},
     })
     return config
+
+
+def _json_number(x: float) -> int | float:
+    """8.0 → 8: an integral α is written as an integer, as peft writes it."""
+    return int(x) if float(x).is_integer() else x
 
 
 def save_peft(adapter: Adapter, out_dir: Path) -> None:
@@ -592,7 +610,7 @@ def save_peft(adapter: Adapter, out_dir: Path) -> None:
     for layer in adapter.layers:
         tensors[f"base_model.model.{layer.module}.lora_A.weight"] = _kernel(layer.A, layer.conv)  # (k, n)
         tensors[f"base_model.model.{layer.module}.lora_B.weight"] = _kernel(layer.B, layer.conv)  # (m, k)
-    _save_tensors(tensors, out_dir / PEFT_WEIGHTS, {"format": "pt"})
+    _save_tensors(tensors, out_dir / PEFT_WEIGHTS, {**adapter.metadata, "format": "pt"})
     (out_dir / PEFT_CONFIG).write_text(json.dumps(_peft_config(adapter), indent=2, sort_keys=True) + "\n")
 
 
@@ -841,6 +859,43 @@ def open_base(spec: str, allow_pickle: bool = False):
             _read_pickle(Path(spec), allow_pickle=False)  # raises with the explanation
         return PickleCheckpoint(Path(spec))
     return open_checkpoint(spec)
+
+
+def transformers_dir(checkpoint_path: str | os.PathLike) -> tuple[str | None, str | None]:
+    """``(directory, model class)`` when ``transformers`` can load this base checkpoint from its directory.
+
+    That needs ``config.json`` beside weights under the name ``from_pretrained`` looks for (``model.safetensors``,
+    ``pytorch_model.bin``), as in a packaged model's installed folder; the class is the config's first
+    ``architectures`` entry (None if it names none). Anything else (an ``.onnx`` file, ``weights.safetensors``
+    without a config) gives ``(None, None)``. Reads config.json only; transformers is never imported.
+    """
+    path = Path(checkpoint_path).resolve()
+    config = path.parent / "config.json"
+    if path.name not in TRANSFORMERS_WEIGHTS or not config.is_file():
+        return None, None
+    try:
+        archs = json.loads(config.read_text()).get("architectures")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):  # unreadable, bad JSON, not an object
+        return None, None  # transformers could not load it either
+    arch = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    return str(path.parent), arch
+
+
+def peft_base_fields(config: dict, checkpoint_path: str | os.PathLike) -> dict:
+    """``config`` whose ``base_model_name_or_path`` names this base the way ``AutoPeftModel`` loads it.
+
+    The loadable directory of :func:`transformers_dir`, else None (peft's value for an unknown base: a file path or
+    an alias is not something ``from_pretrained`` can load). ``revision`` belonged to the old name and is cleared.
+    A config without ``task_type`` also gets the ``auto_mapping`` ``PeftModel.save_pretrained`` writes for such an
+    adapter, so ``AutoPeftModel`` knows which class to build (``parent_library`` ``transformers``, which exports
+    every model class, where peft writes the defining module).
+    """
+    model_dir, arch = transformers_dir(checkpoint_path)
+    config = {**config, "base_model_name_or_path": model_dir, "revision": None}
+    mapping = config.get("auto_mapping")
+    if arch and config.get("task_type") is None and not (isinstance(mapping, dict) and mapping.get("base_model_class") == arch):
+        config["auto_mapping"] = {"base_model_class": arch, "parent_library": "transformers"}
+    return config
 
 
 class BaseIndex:
@@ -1140,6 +1195,9 @@ def transfer_adapter(
         layer_map: source weight stem → target weight stem, for targets whose layers are named differently.
         cache: a :class:`lorax_ref.cache.BasisCache` (None: compute every basis).
         ignore_base_hash: apply a LoRA-X adapter to a source checkpoint other than the one it records.
+        target_name: how the user named the target (alias or path); recorded with its sha256 in the report and
+            the written file's metadata. A PEFT output's ``base_model_name_or_path`` is the directory transformers
+            can load the target from (:func:`peft_base_fields`), or None when there is none.
 
     Every option and every layer's shapes are checked before the first SVD. A layer whose source or target
     top-r subspace is not unique (zero weight, rank < r, σ_r = σ_{r+1}) is transferred and named in its
@@ -1173,18 +1231,20 @@ def transfer_adapter(
             if new is not None:
                 out_layers.append(new)
 
-    out = _output_adapter(adapter, fmt_out, out_layers, r, sha_t, target_name)
+    out = _output_adapter(adapter, fmt_out, out_layers, r, target, target_name)
     info = {
         "tool": "lorax_ref transfer",
         "input": {"format": fmt_in, "path": str(adapter.path) if adapter.path else None},
         "output": {"format": fmt_out},
         "source_base": {"path": str(source.path), "sha256": sha_s},
-        "target_base": {"path": str(target.path), "sha256": sha_t},
+        "target_base": {"spec": target_name, "path": str(target.path), "sha256": sha_t},
         "settings": {"r": r, "threshold": threshold, "side": side, "method": method, "device": str(dev),
                      "compute_dtype": "float64"},
         "cache": {"enabled": cache.enabled, "hits": cache.hits, "misses": cache.misses,
                   "fast": cache.fast, "methods": dict(cache.methods)},
     }
+    if fmt_out == PEFT:
+        info["output"]["base_model_name_or_path"] = out.config["base_model_name_or_path"]
     return TransferResult(out, rows, info)
 
 
@@ -1261,20 +1321,20 @@ def _transfer_one(layer, plan, fmt_in, fmt_out, idx_s, idx_t, sha_s, sha_t, r, t
     return row, new
 
 
-def _output_adapter(adapter: Adapter, fmt_out: str, layers: list, r: int, sha_t: str, target_name: str | None) -> Adapter:
+def _output_adapter(adapter: Adapter, fmt_out: str, layers: list, r: int, target, target_name: str | None) -> Adapter:
     if not layers:
         raise AdapterError("every layer was gated (Φ below the threshold): there is no adapter to write; "
                            "lower --threshold or check the base checkpoints")
-    stamp = {"lorax_ref_transfer": json.dumps({"target_sha256": sha_t, "r": r})}
+    sha_t = target.sha256
+    stamp = {"lorax_ref_transfer": json.dumps({"target": target_name, "target_sha256": sha_t, "r": r})}
     if fmt_out == LORAX:
         name = adapter.weights_name if adapter.format == LORAX else "adapter.lorax.safetensors"
         return Adapter(LORAX, layers, rank=r, base_sha256=sha_t, metadata=stamp, weights_name=name)
     if fmt_out == KOHYA:
         return Adapter(KOHYA, layers, metadata={**adapter.metadata, **stamp}, weights_name=adapter.weights_name)
-    config = dict(adapter.config) if adapter.format == PEFT else {}
-    if target_name is not None:
-        config["base_model_name_or_path"] = target_name
-    return Adapter(PEFT, layers, config=config)
+    config = dict(adapter.config) if adapter.format == PEFT else dict(PEFT_LORA_DEFAULTS)
+    # what transformers can load; the exact target (spec, sha256) is in the stamp and the report
+    return Adapter(PEFT, layers, config=peft_base_fields(config, target.path), metadata=stamp)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1302,6 +1362,9 @@ def random_adapter(
     ``fmt="lorax"``: Eq. (1) with :math:`\Delta\Sigma_i = \text{strength}\cdot\sigma_i \cdot z_i`, :math:`z_i\sim N(0,1)`,
     i.e. the top-``rank`` singular values perturbed by ~``strength`` relative. For demonstrations and tests; a
     random LoRA is not aligned with the base's top subspace, so Eq. (3) keeps little of its energy.
+
+    ``base_name`` (alias or path, as the user gave it) and the base's sha256 go into the file's metadata; a PEFT
+    adapter's config is the one peft writes, its base named by :func:`peft_base_fields`.
     """
     from .cache import BasisCache
 
@@ -1347,10 +1410,13 @@ def random_adapter(
         module = stem if fmt == PEFT else "lora_unet_" + stem.replace(".", "_")
         layers.append(LoraLayer(module, _cast_output(B, dtype, f"{stem}: B", _SMALLER),
                                 _cast_output(A, dtype, f"{stem}: A", _SMALLER), alpha))
+    stamp = {"lorax_ref_random": json.dumps({"seed": seed, "strength": strength, "base": base_name,
+                                             "base_sha256": base.sha256})}
     if fmt == LORAX:
         return Adapter(LORAX, layers, rank=rank, base_sha256=base.sha256, weights_name="adapter.lorax.safetensors",
-                       metadata={"lorax_ref_random": json.dumps({"seed": seed, "strength": strength})})
+                       metadata=stamp)
     if fmt == KOHYA:
-        return Adapter(KOHYA, layers, weights_name="lora.safetensors",
-                       metadata={"lorax_ref_random": json.dumps({"seed": seed, "strength": strength})})
-    return Adapter(PEFT, layers, config={"base_model_name_or_path": base_name} if base_name else {})
+        return Adapter(KOHYA, layers, weights_name="lora.safetensors", metadata=stamp)
+    # the config peft writes for such an adapter, naming the base the way transformers loads it
+    config = peft_base_fields(dict(PEFT_LORA_DEFAULTS), base.path)
+    return Adapter(PEFT, layers, config=config, metadata=stamp)

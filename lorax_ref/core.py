@@ -3,16 +3,17 @@ r"""LoRA-X, equation by equation (Farhadzadeh et al., ICLR 2025, arXiv 2501.1655
 One small function per equation; the registry in :mod:`lorax_ref.registry` maps each label to its
 function. The paper's PDF could not be read when this module was written: equations (1)-(4) follow the
 numbering that independent summaries agree on, and the exact LaTeX of Eq. (1) and Eq. (4) is a
-reconstruction (see ``docs``/README); a correction is a one-line change in the registry.
+reconstruction (README § Provenance); a correction is a one-line change in the registry.
 
-Notation (one linear layer, ``nn.Linear.weight`` layout ``(out, in)``):
+Notation (one linear layer, ``nn.Linear.weight`` layout ``(out, in)``; README § Notation has the full
+table). A bar marks a basis truncated to the top r directions, source and target alike; code drops it:
 
 =====================  ======================================================  ==============
 symbol                 meaning                                                 shape
 =====================  ======================================================  ==============
 ``W_s``, ``W_t``       frozen source / target base weight                      ``(m, n)``
 ``U_s``, ``V_s``       top-r source bases :math:`\bar U_s, \bar V_s`             ``(m, r)``, ``(n, r)``
-``U_t``, ``V_t``       top-r target bases                                      ``(m, r)``, ``(n, r)``
+``U_t``, ``V_t``       top-r target bases :math:`\bar U_t, \bar V_t`             ``(m, r)``, ``(n, r)``
 ``dSigma_s``           trainable LoRA-X parameters :math:`\Delta\Sigma_s`       ``(r,)`` or ``(r, r)``
 ``dW_s``               source update :math:`\Delta W_s`                         ``(m, n)``
 ``dSigma_ts``          target coordinates :math:`\Delta\Sigma_{t\leftarrow s}`  ``(r, r)``
@@ -63,11 +64,14 @@ def lorax_delta(U_s: torch.Tensor, dSigma_s: torch.Tensor, V_s: torch.Tensor) ->
 
 
 def project(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    r"""Eq. (2) — the two-sided projector onto the span of ``U`` (left) and ``V`` (right).
+    r"""Eq. (2) — a LoRA-X update is a fixed point of the source's two-sided projection (computed here).
+
+    Returns :math:`U U^\top\, \Delta W\, V V^\top`, the projection of ``dW`` onto the spans of ``U``
+    (left) and ``V`` (right). Eq. (2) is the statement that, with the source bases,
 
     .. math:: \bar U_s \bar U_s^\top\, \Delta W_s\, \bar V_s \bar V_s^\top = \Delta W_s
 
-    holds for every LoRA-X update (Eq. (1)); a plain LoRA :math:`BA` does not satisfy it, and the energy
+    for every LoRA-X update (Eq. (1)); a plain LoRA :math:`BA` does not satisfy it, and the energy
     it has outside the subspace is what a transfer loses. Computed as ``U (Uᵀ dW V) Vᵀ`` so the
     ``(m, m)`` and ``(n, n)`` projectors are never formed.
     """
@@ -88,7 +92,7 @@ def project(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 def transfer_same_dim(dW_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor) -> torch.Tensor:
     r"""Eq. (3) — projection form: transfer onto a target layer of the same shape.
 
-    .. math:: \Delta W_{t\leftarrow s} = U_t U_t^\top\, \Delta W_s\, V_t V_t^\top = U_t\, \Delta\Sigma_{t\leftarrow s}\, V_t^\top
+    .. math:: \Delta W_{t\leftarrow s} = \bar U_t \bar U_t^\top\, \Delta W_s\, \bar V_t \bar V_t^\top = \bar U_t\, \Delta\Sigma_{t\leftarrow s}\, \bar V_t^\top
 
     The source bases enter only through ``dW_s`` (Eq. (1)). Needs ``m_s = m_t`` and ``n_s = n_t``;
     other shapes raise (use :func:`transfer_mismatch`), they are never broadcast, padded or cropped.
@@ -111,9 +115,9 @@ def transferred_sigma(
 ) -> torch.Tensor:
     r"""Eq. (3) rotation form — the target coordinates of the transferred update.
 
-    .. math:: \Delta\Sigma_{t\leftarrow s} = U_t^\top \bar U_s\, \Delta\Sigma_s\, \bar V_s^\top V_t
+    .. math:: \Delta\Sigma_{t\leftarrow s} = \bar U_t^\top \bar U_s\, \Delta\Sigma_s\, \bar V_s^\top \bar V_t
 
-    :math:`U_t^\top \bar U_s` and :math:`\bar V_s^\top V_t` are r×r; their singular values are the cosines
+    :math:`\bar U_t^\top \bar U_s` and :math:`\bar V_s^\top \bar V_t` are r×r; their singular values are the cosines
     of the principal angles between the subspaces, so they rotate (and shrink) the source coordinates.
     The result is a full r×r matrix even when ``dSigma_s`` is diagonal; ``U_t @ dSigma_ts @ V_t.T``
     equals :func:`transfer_same_dim` of the Eq. (1) update.
@@ -131,7 +135,7 @@ def transferred_sigma(
 def copy_sigma_transfer(U_t: torch.Tensor, dSigma_s: torch.Tensor, V_t: torch.Tensor) -> torch.Tensor:
     r"""Table 5 ablation — copy :math:`\Delta\Sigma_s` into the target bases without rotating it.
 
-    .. math:: \Delta W_{\text{copy}} = U_t\, \Delta\Sigma_s\, V_t^\top
+    .. math:: \Delta W_{\text{copy}} = \bar U_t\, \Delta\Sigma_s\, \bar V_t^\top
 
     Pairs the i-th source direction with the i-th target direction, whatever their angle. The paper
     reports a large quality drop against Eq. (3). For a full ``dSigma_s`` the result depends on the sign
@@ -154,8 +158,8 @@ def alignment_maps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""§4.2.2 alignment maps — least-squares maps from the source to the target spaces.
 
-    .. math:: \hat P = \arg\min_P \lVert P \bar U_s - U_t \rVert_F^2 = U_t \bar U_s^{+} = U_t \bar U_s^\top,
-              \qquad \hat Q = \arg\min_Q \lVert Q \bar V_s - V_t \rVert_F^2 = V_t \bar V_s^\top
+    .. math:: \hat P = \arg\min_P \lVert P \bar U_s - \bar U_t \rVert_F^2 = \bar U_t \bar U_s^{+} = \bar U_t \bar U_s^\top,
+              \qquad \hat Q = \arg\min_Q \lVert Q \bar V_s - \bar V_t \rVert_F^2 = \bar V_t \bar V_s^\top
 
     ``P Ū_s = U_t`` has m_t·m_s unknowns and m_t·r equations, so it is under-determined: the fit is
     exact and the solution is not unique (``P̂ + Z(I − Ū_sŪ_sᵀ)`` fits as well). The minimum-norm
@@ -211,7 +215,7 @@ def transfer_mismatch(
 def subspace_similarity(U_a: torch.Tensor, U_b: torch.Tensor) -> float:
     r"""Eq. (4) — how much two r-dimensional subspaces overlap.
 
-    .. math:: \Phi(W_s, W_t) = \frac{\lVert \bar U_s^\top U_t \rVert_F^2}{r} = \frac1r \sum_{i=1}^r \cos^2\theta_i
+    .. math:: \Phi(W_s, W_t) = \frac{\lVert \bar U_s^\top \bar U_t \rVert_F^2}{r} = \frac1r \sum_{i=1}^r \cos^2\theta_i
 
     with :math:`\theta_i` the principal angles. Φ = 1 for identical subspaces, about r/m for random ones,
     and identically 1 when r = m (so truncation is mandatory). Apply it to left (U) or right (V) bases.
@@ -236,7 +240,7 @@ def transfer_lora(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Eq. (3) low-rank form — the transfer of a plain LoRA :math:`\Delta W_s = B A`.
 
-    .. math:: B' = U_t U_t^\top B, \qquad A' = A\, V_t V_t^\top, \qquad B'A' = U_t U_t^\top (BA) V_t V_t^\top
+    .. math:: B' = \bar U_t \bar U_t^\top B, \qquad A' = A\, \bar V_t \bar V_t^\top, \qquad B'A' = \bar U_t \bar U_t^\top (BA) \bar V_t \bar V_t^\top
 
     The LoRA rank is kept and no ``(m, n)`` matrix is formed. Any LoRA scaling (α/r) stays with the
     caller: apply it to ``B`` or to the product.
@@ -304,7 +308,7 @@ def transfer_layer(
 ) -> tuple[torch.Tensor, TransferReport]:
     r"""Layer transfer — one layer end to end: top-r bases, the right case, the Eq. (4) gate.
 
-    1. :math:`\bar U_s, \bar V_s` = ``svd_topk(W_s, r)`` and :math:`U_t, V_t` = ``svd_topk(W_t, r)``;
+    1. :math:`\bar U_s, \bar V_s` = ``svd_topk(W_s, r)`` and :math:`\bar U_t, \bar V_t` = ``svd_topk(W_t, r)``;
     2. Φ_U, Φ_V by Eq. (4) wherever the two sides have the same dimension;
     3. if ``threshold`` is given and the gate's Φ (``side``: ``"u"``, ``"v"``, ``"both"`` = min, ``"mean"``)
        is below it, the layer gets a zero update (``gated=True``);

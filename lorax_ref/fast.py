@@ -1,10 +1,11 @@
-r"""Fast, certified top-r bases and LoRA-X transfer at Stable Diffusion scale (issue 6).
+r"""Fast, certified top-r bases and LoRA-X transfer at Stable Diffusion scale.
 
 The reference path (:func:`lorax_ref.svd_topk` + :mod:`lorax_ref.core`) takes a **full float64 SVD** of
 the source and of the target weight of every layer: :math:`O(mn\min(m,n))` work, most of it in
 memory-bound LAPACK stages. Eq. (3) needs far less:
 
-.. math:: \Delta W_{t\leftarrow s} = U_t\,\underbrace{U_t^\top \bar U_s\,\Delta\Sigma_s\,\bar V_s^\top V_t}_{\Delta\Sigma_{t\leftarrow s}\ (r\times r)}\,V_t^\top
+.. math:: \Delta W_{t\leftarrow s} = \bar U_t\,\Delta\Sigma_{t\leftarrow s}\,\bar V_t^\top, \qquad
+          \Delta\Sigma_{t\leftarrow s} = \bar U_t^\top \bar U_s\,\Delta\Sigma_s\,\bar V_s^\top \bar V_t \quad (r\times r)
 
 only the top-r singular triplets of :math:`W_s` (Eq. (1) pairs :math:`u_i` with :math:`v_i`) and the top-r
 subspaces of :math:`W_t`. This module computes them with one algorithm, ``"mixed"``, for a weight
@@ -46,7 +47,7 @@ passes over W to reach 1e-9, against the two float64 passes of step 2.
 :func:`_choose`): there the smallest singular values matter and nothing is left to save.
 
 Second adapter on the same base pair: the bases and the two r×r rotations
-:math:`R_U = U_t^\top\bar U_s`, :math:`R_V = \bar V_s^\top V_t` are kept in a :class:`LayerPair`; a new
+:math:`R_U = \bar U_t^\top\bar U_s`, :math:`R_V = \bar V_s^\top \bar V_t` are kept in a :class:`LayerPair`; a new
 :math:`\Delta\Sigma_s` then costs :math:`O(r^3)` for :math:`\Delta\Sigma_{t\leftarrow s}` (the compact
 LoRA-X result), :math:`O((m+n)r)` for the LoRA factors (:meth:`LayerPair.factors`), plus one m×r×n
 product if the dense :math:`\Delta W_{t\leftarrow s}` is wanted.
@@ -58,8 +59,9 @@ call per core: the tridiagonal reduction inside ``eigh`` gains little from a sec
 
 Where the time goes (``scripts/benchmark.py``, 2-core CPU, one thread, 1280×1280, r = 320): the float32
 ``eigh`` ~40 %, the k×k Rayleigh–Ritz ~18 %, the two float64 passes ~15 %, the Gram matrix ~10 %. The
-``eigh`` is the one cubic step left; it is why the first transfer is 1.6–2.9× (one thread) or 1.8–3.3×
-(both cores) faster than two full SVDs per layer on that machine, not 5×, while a second adapter
+``eigh`` is the one cubic step left; it is why the first transfer of a whole SD-1.5 or SDXL UNet is
+1.6–2.9× (one thread) or 1.6–3.3× (both cores, two runs) faster than two full SVDs per layer on that
+machine (README, *Fast path*), not 5×, while a second adapter
 (cached :class:`LayerPair`) costs its LoRA factors in O((m+n)r), O(r³) in the compact form, or one
 m×r×n product for the dense matrix.
 """

@@ -5,11 +5,17 @@ to call it with, and the checks of :mod:`lorax_ref.conformance` that must catch 
 ``tests/test_conformance.py`` asserts that every entry fails at least those checks and that the kit's
 diagnosis is ``expected_diagnosis``; ``notebooks/10_verify_your_implementation.ipynb`` shows the reports.
 
-* :data:`WRONG` — wrong formulas: the three mistakes of the user's plan (``../seed``), ``Vh`` used for
+* :data:`WRONG` — wrong formulas: the three mistakes of the seed plan (notebook 05), ``Vh`` used for
   ``V``, no truncation, Φ normalised by ``r_s·r_t``, padding or cropping instead of projecting, a
-  forgotten ``α/r``, a copy instead of the rotation.
+  forgotten ``α/r``, a copy instead of the rotation — and the behaviours of two public re-implementations
+  (re-created here, not copied): LoRA factors padded or cropped instead of projected, a layer gate on a
+  Φ normalised by ``r_s·r_t`` with a 0.3 threshold, a similarity that crops rows when heights differ.
 * :data:`CONVENTION` — right formulas written for another convention (``Vh`` bases, numpy arrays): the
   kit must say "convention mismatch", not "wrong formula".
+* :data:`PRECISION` — right formulas computed in float32, float16 or bfloat16 (as most real code is),
+  and an Eq. (3) that only runs on float32 inputs: by default the kit fails them (its float64 tolerances
+  are far below their rounding) but says "lower precision", never "wrong formula", and every check
+  passes with ``Adapter(dtype=...)`` / ``--dtype``.
 * :data:`BROKEN` — candidates that raise, return the wrong shape, return NaN or hang: reported, not
   crashed on.
 
@@ -18,6 +24,7 @@ The candidates are written the way they appear in the wild (torch, ``torch.linal
 """
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -38,11 +45,11 @@ class Entry:
     caught_by: tuple[str, ...]  # check ids that must fail
     expected_diagnosis: str = "wrong formula"
     adapter: Adapter = field(default_factory=Adapter)
-    fixed_by: Adapter | None = None  # CONVENTION entries: the adapter under which every check passes
+    fixed_by: Adapter | None = None  # CONVENTION and PRECISION entries: the adapter under which every check passes
 
 
 # ---------------------------------------------------------------------------------------------------
-# The user's plan (../seed): its three mistakes
+# The seed plan (notebook 05): its three mistakes
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -145,6 +152,48 @@ def copy_without_rotation(U_t, U_s, dSigma_s, V_s, V_t):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Behaviours of two public re-implementations (re-created, wrapped to the reference signatures)
+# ---------------------------------------------------------------------------------------------------
+
+
+def pads_lora_factors(B, A, U_t, V_t):
+    """Eq. (3) low-rank form that fits LoRA factors to the target shape by zero-padding or cropping them."""
+    m_t, n_t, k = U_t.shape[0], V_t.shape[0], B.shape[1]
+    B_t = torch.zeros(m_t, k, dtype=B.dtype, device=B.device)
+    A_t = torch.zeros(k, n_t, dtype=A.dtype, device=A.device)
+    B_t[: min(m_t, B.shape[0])] = B[:m_t]  # WRONG: no projection onto U_t, and row i of B is not row i of the target
+    A_t[:, : min(n_t, A.shape[1])] = A[:, :n_t]
+    return B_t, A_t
+
+
+def _similarity_crop_rows(U_a, U_b):
+    m = min(U_a.shape[0], U_b.shape[0])
+    return U_a[:m], U_b[:m]  # WRONG: bases of different heights live in different spaces; this must raise
+
+
+def similarity_crops_rows(U_a, U_b):
+    """Eq. (4) that crops both bases to the smaller height when the layers differ in size."""
+    U_a, U_b = _similarity_crop_rows(U_a, U_b)
+    return float((U_a.T @ U_b).pow(2).sum() / min(U_a.shape[1], U_b.shape[1]))
+
+
+def gate_on_phi_over_rs_rt(dW_s, W_s, W_t, r):
+    """Layer transfer gated on Φ = ‖U_sᵀU_t‖²_F / (r_s·r_t) (rows cropped to a common height) below 0.3."""
+    U_s, _, Vh_s = torch.linalg.svd(W_s, full_matrices=False)
+    U_t, _, Vh_t = torch.linalg.svd(W_t, full_matrices=False)
+    U_s, V_s, U_t, V_t = U_s[:, :r], Vh_s[:r].T, U_t[:, :r], Vh_t[:r].T
+    phi = min(float((a.T @ b).pow(2).sum()) / (r * r) for a, b in (_similarity_crop_rows(U_s, U_t),
+                                                                   _similarity_crop_rows(V_s, V_t)))
+    if phi < 0.3:  # WRONG: Φ/(r_s·r_t) is at most 1/r, so this gate drops layers whose subspaces agree
+        return torch.zeros_like(W_t)
+    if W_s.shape == W_t.shape:
+        return U_t @ U_t.T @ dW_s @ V_t @ V_t.T  # Eq. (3)
+    P, Q = U_t @ torch.linalg.pinv(U_s), V_t @ torch.linalg.pinv(V_s)  # §4.2.2, right
+    U_al, V_al = P @ U_s, Q @ V_s
+    return U_t @ (U_t.T @ U_al @ (U_s.T @ dW_s @ V_s) @ V_al.T @ V_t) @ V_t.T
+
+
+# ---------------------------------------------------------------------------------------------------
 # Right formulas, other conventions
 # ---------------------------------------------------------------------------------------------------
 
@@ -158,6 +207,69 @@ def written_for_numpy(U_t, U_s, dSigma_s, V_s, V_t):
     """Eq. (3) rotation form in numpy (``ndarray.dot``)."""
     dS = np.diag(dSigma_s) if dSigma_s.ndim == 1 else dSigma_s
     return U_t.T.dot(U_s).dot(dS).dot(V_s.T).dot(V_t)  # torch's .dot is for 1-D vectors only
+
+
+# ---------------------------------------------------------------------------------------------------
+# Right formulas, lower precision
+# ---------------------------------------------------------------------------------------------------
+
+
+def eq3_float32_projectors(dW_s, U_t, V_t):
+    """Eq. (3) with float32 projectors, as in code that casts the weights to float32 before its SVD."""
+    P_U = U_t.float() @ U_t.float().T  # (m, m) float32
+    P_V = V_t.float() @ V_t.float().T  # (n, n) float32
+    return P_U @ dW_s @ P_V  # right in float32; a float64 dW_s raises "expected m1 and m2 to have the same dtype"
+
+
+def _eq1(U_s, dSigma_s, V_s):
+    return U_s @ (torch.diag(dSigma_s) if dSigma_s.ndim == 1 else dSigma_s) @ V_s.T
+
+
+def _eq3(dW_s, U_t, V_t):
+    return U_t @ U_t.T @ dW_s @ V_t @ V_t.T
+
+
+def _eq4(U_a, U_b):
+    return float((U_a.T @ U_b).pow(2).sum() / min(U_a.shape[1], U_b.shape[1]))
+
+
+def _at_least_float32(X):
+    return X.float() if X.dtype in (torch.float16, torch.bfloat16) else X  # torch.linalg has no half precision
+
+
+def _top_r(W, r):
+    U, _, Vh = torch.linalg.svd(_at_least_float32(W), full_matrices=False)
+    return U[:, :r].to(W.dtype), Vh[:r].T.to(W.dtype)
+
+
+def _layer(dW_s, W_s, W_t, r):
+    """Eq. (3) with the top-r SVD bases of W_t at equal shapes, §4.2.2 otherwise."""
+    U_t, V_t = _top_r(W_t, r)
+    if W_s.shape == W_t.shape:
+        return U_t @ U_t.T @ dW_s @ V_t @ V_t.T
+    U_s, V_s = _top_r(W_s, r)
+    P = U_t @ torch.linalg.pinv(_at_least_float32(U_s)).to(U_s.dtype)  # (m_t, m_s)
+    Q = V_t @ torch.linalg.pinv(_at_least_float32(V_s)).to(V_s.dtype)  # (n_t, n_s)
+    U_al, V_al = P @ U_s, Q @ V_s
+    return U_t @ (U_t.T @ U_al @ (U_s.T @ dW_s @ V_s) @ V_al.T @ V_t) @ V_t.T
+
+
+def _computed_in(formula: Callable, dtype: torch.dtype) -> Callable:
+    """``formula`` computed in ``dtype`` whatever the inputs' dtype (the output stays in ``dtype``)."""
+    def candidate(*args):
+        return formula(*(torch.as_tensor(a).to(dtype) if isinstance(a, (torch.Tensor, np.ndarray)) else a for a in args))
+
+    name = f"{formula.__name__.lstrip('_')}_in_{str(dtype).split('.')[-1]}"
+    candidate.__name__ = candidate.__qualname__ = name
+    candidate.__doc__ = f"{formula.__name__.lstrip('_')} computed in {dtype} (inputs cast to it)."
+    candidate.__signature__ = inspect.signature(formula)
+    return candidate
+
+
+eq1_in_float32, eq1_in_float16, eq1_in_bfloat16 = (_computed_in(_eq1, d) for d in (torch.float32, torch.float16, torch.bfloat16))
+eq3_in_float32, eq3_in_float16, eq3_in_bfloat16 = (_computed_in(_eq3, d) for d in (torch.float32, torch.float16, torch.bfloat16))
+eq4_in_float32, eq4_in_float16, eq4_in_bfloat16 = (_computed_in(_eq4, d) for d in (torch.float32, torch.float16, torch.bfloat16))
+layer_in_float32 = _computed_in(_layer, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -233,6 +345,22 @@ WRONG: list[Entry] = [
           "Pairs the i-th source direction with the i-th target direction whatever their angle (the paper's "
           "Table 5 ablation, not Eq. (3)).",
           ("value", "forms-agree")),
+    Entry("pads_lora_factors", "Eq. (3) low-rank form", pads_lora_factors,
+          "LoRA factors padded or cropped instead of projected",
+          "B and A are zero-padded or cropped to the target shape and never projected onto the target's "
+          "subspaces: at equal shapes the LoRA comes back unchanged, at other shapes rows and columns of "
+          "unrelated layers are paired.",
+          ("golden", "value", "product", "refuses-other-shapes")),
+    Entry("gate_on_phi_over_rs_rt", "Layer transfer", gate_on_phi_over_rs_rt,
+          "a layer gate on Φ/(r_s·r_t) < 0.3",
+          "Φ normalised by r_s·r_t is at most 1/r: the 0.3 gate zeroes layers whose subspaces agree (even "
+          "W_t = W_s once r ≥ 4): the report says 'the candidate returned zeros'.",
+          ("value", "source-is-target")),
+    Entry("similarity_crops_rows", "Eq. (4)", similarity_crops_rows,
+          "a similarity that crops rows when heights differ",
+          "Right for bases of equal height; for layers of different sizes it compares the first rows of "
+          "unrelated spaces and returns a number where it must raise.",
+          ("refuses-other-heights",)),
 ]
 
 CONVENTION: list[Entry] = [
@@ -247,6 +375,24 @@ CONVENTION: list[Entry] = [
           ("value",), expected_diagnosis="convention mismatch", fixed_by=Adapter(framework="numpy")),
 ]
 
+PRECISION: list[Entry] = [
+    Entry("eq3_float32_projectors", "Eq. (3)", eq3_float32_projectors,
+          "Eq. (3) that only runs in float32",
+          "Casts the bases to float32 but not ΔW_s: float64 inputs raise a dtype error. The formula is right "
+          "at float32 precision.",
+          ("golden", "value"), expected_diagnosis="lower precision", fixed_by=Adapter(dtype="float32")),
+    *(Entry(f.__name__, label, f, f"right formula computed in {dtype}",
+            f"{label} with every input cast to {dtype}: right, with errors of a few {dtype} roundoffs.",
+            caught, expected_diagnosis="lower precision", fixed_by=Adapter(dtype=dtype))
+      for label, caught, fs in (("Eq. (1)", ("golden", "value-diag", "value-full"), (eq1_in_float32, eq1_in_float16, eq1_in_bfloat16)),
+                                ("Eq. (3)", ("golden", "value"), (eq3_in_float32, eq3_in_float16, eq3_in_bfloat16)),
+                                ("Eq. (4)", ("golden", "value"), (eq4_in_float32, eq4_in_float16, eq4_in_bfloat16)))
+      for f, dtype in zip(fs, ("float32", "float16", "bfloat16"))),
+    Entry("layer_in_float32", "Layer transfer", layer_in_float32, "Layer transfer with its SVD in float32",
+          "The top-r SVD bases of W_t with Eq. (3) (§4.2.2 for other shapes), all in float32.",
+          ("golden", "value"), expected_diagnosis="lower precision", fixed_by=Adapter(dtype="float32")),
+]
+
 BROKEN: list[Entry] = [
     Entry("raises", "Eq. (3)", raises, "raises NotImplementedError", "A stub.", ("value", "golden"),
           expected_diagnosis="does not run"),
@@ -258,7 +404,7 @@ BROKEN: list[Entry] = [
           expected_diagnosis="does not run"),
 ]
 
-ALL: list[Entry] = WRONG + CONVENTION + BROKEN
+ALL: list[Entry] = WRONG + CONVENTION + PRECISION + BROKEN
 
 
 def entry(name: str) -> Entry:

@@ -25,6 +25,23 @@ EQUATIONS: dict[str, Callable] = {
     "Layer transfer": core.transfer_layer,
 }
 
+#: Where each label comes from, with a one-line note: ``"paper"`` (stated in the paper, as reconstructed:
+#: its PDF could not be read), ``"derived"`` (derived in this package) or ``"convention"`` (a choice of this
+#: package where the paper says nothing). README § Provenance tabulates the claims around them.
+PROVENANCE: dict[str, tuple[str, str]] = {
+    "Eq. (1)": ("paper", "exact form reconstructed from summaries"),
+    "Eq. (2)": ("paper", "the fixed-point statement; project() computes the projection"),
+    "Eq. (3)": ("paper", "projection form"),
+    "Eq. (3) rotation form": ("paper", "ΔΣ_{t←s} = Ū_tᵀŪ_s ΔΣ_s V̄_sᵀV̄_t"),
+    "Eq. (3) low-rank form": ("derived", "Eq. (3) applied to the factors of a plain LoRA"),
+    "Table 5 ablation": ("paper", "the ablation's rule, written out by us"),
+    "§4.2.2 alignment maps": ("paper", "the least-squares objective; the minimum-norm solution is our convention"),
+    "§4.2.2": ("paper", "it reduces to the Table 5 copy (derived, notebook 03)"),
+    "Eq. (4)": ("paper", "exact form reconstructed; which side the paper gates on is not known"),
+    "Layer transfer": ("convention", "our composition: bases, Eq. (3) or §4.2.2, a gate (threshold, side)"),
+}
+KINDS = ("paper", "derived", "convention")
+
 
 def slug(label: str) -> str:
     """A shell-friendly name for a label: ``"Eq. (3) rotation form"`` → ``"eq3-rotation-form"``."""

@@ -61,9 +61,10 @@ def subspace_split(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""The four blocks of an update relative to the subspaces of ``U`` and ``V``.
 
-    .. math:: \Delta W = \underbrace{P_\parallel \Delta W Q_\parallel}_{\text{subspace}}
-              + \underbrace{P_\parallel \Delta W Q_\perp + P_\perp \Delta W Q_\parallel}_{\text{cross terms}}
-              + \underbrace{P_\perp \Delta W Q_\perp}_{\text{null space}}
+    .. math:: \Delta W = P_\parallel \Delta W Q_\parallel + (P_\parallel \Delta W Q_\perp + P_\perp \Delta W Q_\parallel)
+              + P_\perp \Delta W Q_\perp
+
+    — the subspace block, the two cross terms, and the null-space block.
 
     The blocks are mutually orthogonal in the Frobenius inner product, so their squared norms add up to
     :math:`\lVert\Delta W\rVert_F^2`. A LoRA-X update (Eq. (1)) is all subspace block (Eq. (2)).

@@ -9,8 +9,10 @@ What it produces, in ``--out`` (default ``site/``):
 
 * one ``NN_name.html`` per notebook, rendered with nbconvert's ``lab`` template;
 * ``index.html`` with the equation table generated from :data:`lorax_ref.EQUATIONS` — label, function
-  (name and first docstring line), the test files that mention the function, and links to every
-  notebook section whose heading names the label;
+  (name and first docstring line), its provenance (:data:`lorax_ref.registry.PROVENANCE`), the test files
+  that mention the function, and links to every notebook section whose heading names the label — followed
+  by the README's *Notation* and *Provenance* sections (``#notation``, ``#provenance``: the notebooks link
+  there), rendered from the README itself so that the two never disagree;
 * ``plotly.min.js``, copied from the installed ``plotly`` package.
 
 Offline by construction: no page loads anything from the network.
@@ -26,7 +28,9 @@ Offline by construction: no page loads anything from the network.
 * After rendering, every page is scanned for ``src``/``href``/``import`` URLs with a network scheme; the
   build fails if it finds one (:func:`external_urls`).
 
-Nothing is executed unless ``--execute`` is given (``make`` runs ``jupyter nbconvert --execute`` first).
+Nothing is executed unless ``--execute`` is given (``make demo``). Then each notebook runs in memory, in a
+kernel that talks to this process over local IPC sockets in a temporary folder (no TCP port, no
+"running over TCP without encryption" warning), and one line per notebook says how long it took.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ import json
 import re
 import shutil
 import sys
+import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +122,7 @@ nav.lorax-nav { font: 14px/1.4 system-ui, sans-serif; padding: 8px 16px; border-
   background: #fafafa; position: sticky; top: 0; z-index: 10; }
 nav.lorax-nav a { margin-right: 1.2em; text-decoration: none; }
 code.tex { white-space: pre-wrap; }
+sup { font-size: 70%; color: #555; }
 div.tex-display { text-align: center; margin: 0.6em 0; }
 math[display="block"] { margin: 0.6em 0; }
 .lorax-plotly { margin: 4px 0; }
@@ -307,9 +314,30 @@ def covering_tests(func_name: str, tests_dir: Path) -> list[str]:
     return sorted(p.name for p in tests_dir.glob("test_*.py") if pattern.search(p.read_text(encoding="utf-8")))
 
 
-def index_html(pages: list[Page], tests_dir: Path) -> str:
-    from lorax_ref import EQUATIONS
+README_SECTIONS = ("notation", "provenance")  # <!-- site:NAME:start --> … <!-- site:NAME:end --> in README.md
 
+
+def readme_section(readme: str, name: str) -> str:
+    """The markdown between ``<!-- site:NAME:start -->`` and ``<!-- site:NAME:end -->`` in the README."""
+    match = re.search(rf"<!-- site:{name}:start -->\n(.*?)<!-- site:{name}:end -->", readme, re.S)
+    if not match:
+        raise ValueError(f"README.md has no '<!-- site:{name}:start -->' … '<!-- site:{name}:end -->' section")
+    return match.group(1)
+
+
+def markdown_html(text: str) -> str:
+    """HTML for a markdown text, with the notebooks' renderer (MathML math, heading ids)."""
+    return MarkdownWithMath(renderer=SiteRenderer(escape=False, anchor_link_text="¶")).render(text)
+
+
+def index_html(pages: list[Page], tests_dir: Path, readme: Path | None = None) -> str:
+    from lorax_ref import EQUATIONS
+    from lorax_ref.registry import PROVENANCE
+
+    readme_text = (readme or ROOT / "README.md").read_text(encoding="utf-8")
+    sections = "\n".join(
+        f'<section id="{name}">\n{markdown_html(readme_section(readme_text, name))}</section>' for name in README_SECTIONS
+    )
     labels = list(EQUATIONS)
     rows = []
     for label, func in EQUATIONS.items():
@@ -326,6 +354,7 @@ def index_html(pages: list[Page], tests_dir: Path) -> str:
             "<tr>"
             f"<td>{html.escape(label)}</td>"
             f"<td><code>{html.escape(func.__module__)}.{html.escape(func.__name__)}</code><br>{rst_inline(first)}</td>"
+            f"<td>{html.escape(PROVENANCE[label][0])}<br><span class=\"muted\">{html.escape(PROVENANCE[label][1])}</span></td>"
             f"<td>{'<br>'.join(f'<code>tests/{html.escape(t)}</code>' for t in tests) or '<em>none found</em>'}</td>"
             f"<td>{'<br>'.join(links) or '<em>none</em>'}</td>"
             "</tr>"
@@ -358,15 +387,19 @@ and checks every claim against an independent numpy/scipy computation; the pages
 <ol class="notebooks">
 {notebooks}
 </ol>
+<p>What is the paper's, what is derived or measured here, and what is our convention:
+<a href="#provenance">Provenance</a>. Symbols: <a href="#notation">Notation</a>.</p>
 <h2>Equations</h2>
-<p>Generated from <code>lorax_ref.EQUATIONS</code>: one function per label, the test files that exercise it, and
-the notebook sections that demonstrate it.</p>
+<p>Generated from <code>lorax_ref.EQUATIONS</code>: one function per label, where the label comes from
+(<code>lorax_ref.registry.PROVENANCE</code>), the test files that exercise it, and the notebook sections that
+demonstrate it.</p>
 <table id="equations">
-<thead><tr><th>label</th><th>function</th><th>test</th><th>notebook section</th></tr></thead>
+<thead><tr><th>label</th><th>function</th><th>source</th><th>test</th><th>notebook section</th></tr></thead>
 <tbody>
 {chr(10).join(rows)}
 </tbody>
 </table>
+{sections}
 </body>
 </html>
 """
@@ -387,9 +420,17 @@ def notebook_title(nb, stem: str) -> str:
 
 
 def execute(nb, cwd: Path, timeout: int) -> None:
-    from nbconvert.preprocessors import ExecutePreprocessor
+    """Run ``nb`` in place in a fresh kernel connected over IPC sockets in a private temporary folder."""
+    from jupyter_client.manager import KernelManager
+    from nbclient import NotebookClient
 
-    ExecutePreprocessor(timeout=timeout, kernel_name="python3").preprocess(nb, {"metadata": {"path": str(cwd)}})
+    with tempfile.TemporaryDirectory(prefix="lorax-kernel-") as tmp:
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(tmp) / "kernel"))
+        try:
+            NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": str(cwd)}}).execute()
+        finally:  # a client given its kernel manager leaves the kernel running: stop it before the next one
+            if km.has_kernel:
+                km.shutdown_kernel(now=True)
 
 
 def plotly_js() -> Path:
@@ -401,8 +442,9 @@ def plotly_js() -> Path:
     return path
 
 
-def build(notebooks: list[Path], out: Path, do_execute: bool = False, timeout: int = 600, tests_dir: Path | None = None) -> list[Page]:
-    """Render ``notebooks`` into ``out``; returns what each page contains."""
+def build(notebooks: list[Path], out: Path, do_execute: bool = False, timeout: int = 600, tests_dir: Path | None = None,
+          log=None) -> list[Page]:
+    """Render ``notebooks`` into ``out``; returns what each page contains. ``log(line)`` reports progress."""
     if not notebooks:
         raise SystemExit("no notebooks to render")
     out.mkdir(parents=True, exist_ok=True)
@@ -414,7 +456,17 @@ def build(notebooks: list[Path], out: Path, do_execute: bool = False, timeout: i
     for i, path in enumerate(notebooks):
         nb = nbformat.read(path, as_version=4)
         if do_execute:
-            execute(nb, path.parent, timeout)
+            start = time.monotonic()
+            if log:
+                log(f"[{i + 1}/{len(notebooks)}] {path.name} ", end="")
+            try:
+                execute(nb, path.parent, timeout)
+            except BaseException:
+                if log:
+                    log("failed")
+                raise
+            if log:
+                log(f"{time.monotonic() - start:.0f} s")
         nb = copy.deepcopy(nb)
         figures = inline_figures(nb, path.stem)
         prev_link = f'<a href="{stems[i - 1]}.html">← {html.escape(stems[i - 1])}</a>' if i > 0 else ""
@@ -441,7 +493,12 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=600, help="per-cell timeout with --execute (seconds)")
     args = parser.parse_args(argv)
     notebooks = args.notebooks or sorted((ROOT / "notebooks").glob("*.ipynb"))
-    pages = build(notebooks, args.out, args.execute, args.timeout)
+    def log(line: str, end: str = "\n") -> None:
+        print(line, end=end, flush=True)
+
+    if args.execute:
+        log(f"executing {len(notebooks)} notebooks (each in a fresh kernel), then rendering them into {args.out}/")
+    pages = build(notebooks, args.out, args.execute, args.timeout, log=log)
     if _latex2mathml is None:
         print("note: latex2mathml is not installed; math is shown as LaTeX source", file=sys.stderr)
     for page in pages:

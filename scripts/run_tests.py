@@ -5,8 +5,8 @@
 * process 1: ``pytest tests notebooks --nbval``, notebook kernels under the numerics set ``other1``;
 * process 2, at the same time: ``pytest notebooks --nbval`` under ``other2`` (see notebooks/conftest.py).
 
-Each set is one draw of "another machine" and flags fragile digits the other may miss. Notebook kernels
-run on one thread, so the two processes share two cores. Process 2's output follows process 1's. The exit
+Each set is one draw of "another machine" and flags fragile digits the other may miss. Both processes
+run with one BLAS thread, so they share two cores without contention. Process 2's output follows process 1's. The exit
 status is 0 only when both pass. With ``LORAX_NBVAL_NUMERICS`` set, only process 1 runs, under that set.
 """
 from __future__ import annotations
@@ -22,8 +22,13 @@ NBVAL = ["--nbval", "--nbval-current-env", "--nbval-sanitize-with", "notebooks/s
 NO_TESTS_COLLECTED = 5  # pytest's exit status when a -k/-m selection leaves nothing to run
 
 
+# Two processes on two cores: each gets one BLAS/OpenMP thread (a user's own setting wins). Two
+# multi-threaded BLAS pools on two cores spin against each other and run several times slower.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+
+
 def pytest(args: list[str], numerics: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "LORAX_NBVAL_NUMERICS": numerics}
+    env = {**ONE_THREAD, **os.environ, "LORAX_NBVAL_NUMERICS": numerics}
     return subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=ROOT, env=env, **kw)
 
 

@@ -456,63 +456,32 @@ def test_files_sha256_detects_changes(tmp_path):
     assert files_sha256(p) != before
 
 
-# ---------------------------------------------------------------------------------------------------------
-# interop: peft itself loads what we write (optional: peft is not a dependency)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def test_peft_loads_transferred_adapter(tmp_path):
-    peft = pytest.importorskip("peft")
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.query = nn.Linear(12, 12)
-            self.value = nn.Linear(12, 12)
-            self.ffn = nn.Linear(12, 20)
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = nn.ModuleList([Block(), Block()])
-
-    torch.manual_seed(0)
-    src_net, tgt_net = Net().double(), Net().double()
-    with torch.no_grad():
-        for name, p in tgt_net.named_parameters():
-            p.copy_(dict(src_net.named_parameters())[name] + 0.05 * torch.randn_like(p))
-    s_path = write_ckpt(tmp_path / "s.safetensors", dict(src_net.state_dict()), torch.float64)
-    t_path = write_ckpt(tmp_path / "t.safetensors", dict(tgt_net.state_dict()), torch.float64)
-    layers = {}
-    for i, name in enumerate(["layer.0.query", "layer.0.value", "layer.1.query", "layer.1.ffn"]):
-        m, n = (20, 12) if name.endswith("ffn") else (12, 12)
-        layers[name] = lora_factors(m, n, 2 if name == "layer.1.ffn" else 4, i, torch.float64)
-    d = write_peft(tmp_path / "lora", layers, r=4, lora_alpha=6, use_rslora=True, rank_pattern={"ffn": 2},
-                   alpha_pattern={"ffn": 1.5}, target_modules=list(layers))
-    # 1. our reading of ΔW (α/√r with rsLoRA, rank_pattern, alpha_pattern) equals what peft computes
-    src_model = peft.PeftModel.from_pretrained(Net().double().requires_grad_(False), str(d))
-    ours = {layer.module: layer.delta() for layer in load_adapter(d).layers}
-    for name, delta in ours.items():
-        torch.testing.assert_close(_peft_delta(src_model, name), delta, rtol=1e-10, atol=1e-12)
-    # 2. peft loads the transferred adapter and merges exactly the reference ΔW_t (copy: re-factorised path)
-    for method in ("auto", "copy"):
-        with open_base(str(s_path)) as cs, open_base(str(t_path)) as ct:
-            res = transfer_adapter(load_adapter(d), cs, ct, r=3, method=method, threshold=0.0)
-            out = write_output_dir(tmp_path / f"out-{method}", lambda tmp: save_adapter(res.adapter, tmp))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # e.g. peft's "Found missing adapter keys" would fail the test
-            model = peft.PeftModel.from_pretrained(Net().double().requires_grad_(False), str(out))
-        for layer in load_adapter(d).layers:
-            W_s = dict(src_net.state_dict())[layer.module + ".weight"]
-            W_t = dict(tgt_net.state_dict())[layer.module + ".weight"]
-            ref, _ = transfer_layer(layer.delta(), W_s, W_t, 3, method=method)
-            torch.testing.assert_close(_peft_delta(model, layer.module), ref, rtol=1e-9, atol=1e-12)
-
-
-def _peft_delta(peft_model, module):
-    layer = dict(peft_model.get_base_model().named_modules())[module]
-    return layer.get_delta_weight("default")
+def test_peft_output_names_a_base_transformers_can_load(tmp_path):
+    """base_model_name_or_path: the directory holding config.json + model.safetensors, else None (never a file
+    path or an alias); a task-less config gets auto_mapping from the config's architectures.
+    (tests/test_peft_interop.py loads such outputs with peft and transformers.)"""
+    W = {"l.0.q": spectral(8, 6, 0)}
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    hf = write_ckpt(model_dir / "model.safetensors", W)
+    (model_dir / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    bare = write_ckpt(tmp_path / "weights.safetensors", W)
+    with open_base(str(bare)) as ck_bare, open_base(str(hf)) as ck_hf:
+        ad = random_adapter(ck_bare, "peft", ".", rank=2)
+        assert ad.config["base_model_name_or_path"] is None and ad.config["auto_mapping"] is None
+        assert random_adapter(ck_hf, "peft", ".", rank=2).config["base_model_name_or_path"] == str(model_dir.resolve())
+        res = transfer_adapter(ad, ck_bare, ck_hf, r=4, target_name=str(hf))
+        assert res.adapter.config["base_model_name_or_path"] == str(model_dir.resolve())
+        assert res.adapter.config["auto_mapping"] == {"base_model_class": "BertModel", "parent_library": "transformers"}
+        assert res.report()["target_base"] == {"spec": str(hf), "path": str(hf), "sha256": ck_hf.sha256}
+        assert json.loads(res.adapter.metadata["lorax_ref_transfer"])["target_sha256"] == ck_hf.sha256
+        ad.config["task_type"] = "FEATURE_EXTRACTION"  # the task type names the class: no auto_mapping added
+        cfg = transfer_adapter(ad, ck_bare, ck_hf, r=4).adapter.config
+        assert cfg["task_type"] == "FEATURE_EXTRACTION" and cfg["auto_mapping"] is None
+        assert transfer_adapter(ad, ck_hf, ck_bare, r=4).adapter.config["base_model_name_or_path"] is None
+    (model_dir / "config.json").write_text("{not json")  # transformers could not load it either
+    with open_base(str(bare)) as ck_bare, open_base(str(hf)) as ck_hf:
+        assert transfer_adapter(ad, ck_bare, ck_hf, r=4).adapter.config["base_model_name_or_path"] is None
 
 
 @pytest.mark.gpu

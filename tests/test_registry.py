@@ -43,3 +43,17 @@ def test_readme_equation_table_is_in_step():
     for label, func in EQUATIONS.items():
         assert any(f"| {label} |" in row and f"`lorax_ref.{func.__name__}`" in row for row in rows), label
     assert len(rows) == len(EQUATIONS), "the README equation table has rows for labels not in the registry"
+
+
+def test_every_label_says_where_it_comes_from_and_the_readme_agrees():
+    """PROVENANCE covers the registry exactly, with known kinds; the README table's source column matches."""
+    from lorax_ref.registry import KINDS, PROVENANCE
+
+    assert list(PROVENANCE) == list(EQUATIONS)
+    assert all(kind in KINDS and note for kind, note in PROVENANCE.values())
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| ") and "`lorax_ref." in line]
+    for label, (kind, _) in PROVENANCE.items():
+        row = next(r for r in rows if f"| {label} |" in r)
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[3] == kind, (label, cells)

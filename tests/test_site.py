@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import importlib.util
 import re
+import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import unquote
@@ -135,6 +136,8 @@ def test_math_is_rendered_as_mathml(site):
 
 
 def test_index_has_the_equation_table(site):
+    from lorax_ref.registry import KINDS, PROVENANCE
+
     out, _ = site
     index = (out / "index.html").read_text(encoding="utf-8")
     table = re.search(r'<table id="equations">(.*?)</table>', index, re.S).group(1)
@@ -145,19 +148,66 @@ def test_index_has_the_equation_table(site):
         cells = re.findall(r"<td>(.*?)</td>", row, re.S)
         assert html.unescape(cells[0]) == label
         assert f"{func.__module__}.{func.__name__}" in cells[1]
+        # the source column: where the label comes from
+        kind = PROVENANCE[label][0]
+        assert kind in KINDS and cells[2].startswith(kind), (label, cells[2])
         # the test column: files that exist and mention the function
-        files = re.findall(r"<code>tests/([^<]+)</code>", cells[2])
+        files = re.findall(r"<code>tests/([^<]+)</code>", cells[3])
         assert files, f"{label}: no test file listed"
         for name in files:
             assert re.search(rf"\b{func.__name__}\b", (tests_dir / name).read_text(encoding="utf-8"))
         # the notebook column: every link lands on a heading that names the label
-        links = re.findall(r'<a href="([^"#]+)#([^"]+)">', cells[3])
+        links = re.findall(r'<a href="([^"#]+)#([^"]+)">', cells[4])
         assert links, f"{label}: no notebook section"
         for page, anchor in links:
             target = (out / page).read_text(encoding="utf-8")
             heading = re.search(rf'<h[1-6] id="{re.escape(html.escape(unquote(anchor), quote=True))}">(.*?)</h[1-6]>', target, re.S)
             assert heading, f"{label}: {page}#{unquote(anchor)} does not exist"
             assert label in html.unescape(re.sub(r"<math\b.*?</math>|<[^>]+>", "", heading.group(1))), (label, page)
+
+
+def test_index_shows_the_readme_notation_and_provenance(site):
+    """The notebooks link to index.html#notation and #provenance: both sections exist and carry every row of
+    the README's tables (read here with a plain line count, not with the builder's parser)."""
+    out, _ = site
+    index = (out / "index.html").read_text(encoding="utf-8")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for name in ("notation", "provenance"):
+        section = re.search(rf'<section id="{name}">(.*?)</section>', index, re.S)
+        assert section, f"index.html has no #{name}"
+        block = readme.split(f"<!-- site:{name}:start -->")[1].split(f"<!-- site:{name}:end -->")[0]
+        rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+        assert len(rows) > 5
+        assert section.group(1).count("<tr>") == len(rows), name  # header + body rows
+        first_cells = [html.escape(row.split("|")[1].strip(), quote=False) for row in rows[1:]]
+        for cell in first_cells:
+            assert cell in section.group(1), (name, cell)
+
+
+def test_notebook_math_has_no_underbrace():
+    """Chromium's MathML draws \\underbrace as a tiny unstretched glyph: write such formulas without it."""
+    for nb_path in NOTEBOOKS:
+        nb = nbformat.read(nb_path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "markdown":
+                assert "\\underbrace" not in cell.source and "\\overbrace" not in cell.source, nb_path.name
+
+
+def test_execute_reports_each_notebook_and_talks_to_the_kernel_over_ipc(tmp_path):
+    """`make demo` prints one line per executed notebook (name, seconds), and its kernels do not warn about TCP."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_code_cell("print(6 * 7)"))
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "99_tiny.ipynb"
+    nbformat.write(nb, path)
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_site.py"), "--execute", "--out",
+                           str(tmp_path / "site"), str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^\[1/1\] 99_tiny\.ipynb \d+ s$", done.stdout, re.M), done.stdout
+    assert "TCP" not in done.stderr + done.stdout
+    assert "WARNING" not in done.stderr, done.stderr  # e.g. a kernel left running until this process exits
+    assert "42" in (tmp_path / "site" / "99_tiny.html").read_text(encoding="utf-8")
+    assert nbformat.read(path, as_version=4).cells[0].outputs == []  # executed in memory only
 
 
 def test_the_builder_fails_on_a_notebook_that_would_load_a_cdn(tmp_path):
