@@ -73,7 +73,7 @@ file; pickles (.bin/.ckpt/.pt) only with --allow-pickle.
 
 Predict before you transfer: --dry-run runs the same checks and prints, per layer and in total, Φ_U, Φ_V,
 the random level r/d of Φ, Δσ (relative change of the top-r singular values), the gate decision, the kept
-energy expected for a LoRA-X update ((1/r) Σ_k a_k b_k with a_k = ‖U_tᵀ ū_k‖², b_k = ‖V_tᵀ v̄_k‖²: about
+energy expected for a LoRA-X update ((1/r) Σ_k a_k b_k with a_k = ‖U_tᵀ u_s,k‖², b_k = ‖V_tᵀ v_s,k‖²: about
 Φ_U·Φ_V), the exact kept energy of the given adapter (‖U_tᵀ ΔW_s V_t‖²/‖ΔW_s‖², from its factors), a verdict
 per layer and a one-line recommendation. It writes nothing (no --out needed; cached bases are read, never
 written) and exits 0 whatever it recommends. Without --adapter it predicts from the bases alone, for every

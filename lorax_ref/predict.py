@@ -1,31 +1,34 @@
 r"""Predict a transfer before running it: what Eq. (3) will keep of an update, from Φ (Eq. (4)) and the bases.
 
-One layer, top-r bases :math:`\bar U_s, \bar V_s` of the source weight and :math:`U_t, V_t` of the target:
+One layer, top-r bases :math:`\bar U_s, \bar V_s` of the source weight and :math:`\bar U_t, \bar V_t` of the target
+(``U_s``, ``V_s``, ``U_t``, ``V_t`` in code), and the r×r matrices of Eq. (3)'s rotation form:
 
 .. math::
 
-    A = U_t^\top \bar U_s, \quad B = \bar V_s^\top V_t \quad (r \times r), \qquad
-    a_k = \lVert U_t^\top \bar u_k \rVert^2, \quad b_k = \lVert V_t^\top \bar v_k \rVert^2, \qquad
-    \Phi_U = \tfrac1r \textstyle\sum_k a_k, \quad \Phi_V = \tfrac1r \sum_k b_k \quad \text{(Eq. (4))}.
+    R_u = \bar U_t^\top \bar U_s, \quad R_v = \bar V_s^\top \bar V_t, \qquad
+    a_k = \lVert \bar U_t^\top u_{s,k} \rVert^2, \quad b_k = \lVert \bar V_t^\top v_{s,k} \rVert^2, \qquad
+    \Phi_U = \tfrac1r \textstyle\sum_k a_k, \quad \Phi_V = \tfrac1r \sum_k b_k \quad \text{(Eq. (4))}
 
+(:math:`a_k` are the squared column norms of :math:`R_u`, :math:`b_k` the squared row norms of :math:`R_v`).
 A LoRA-X update :math:`\Delta W_s = \bar U_s \Delta\Sigma_s \bar V_s^\top` (Eq. (1)) keeps, through Eq. (3),
 
-.. math:: \kappa(\Delta\Sigma_s) = \frac{\lVert U_t^\top \Delta W_s V_t\rVert_F^2}{\lVert \Delta W_s\rVert_F^2}
-          = \frac{\lVert A\,\Delta\Sigma_s B\rVert_F^2}{\lVert \Delta\Sigma_s\rVert_F^2}
+.. math:: \kappa(\Delta\Sigma_s) = \frac{\lVert \bar U_t^\top \Delta W_s \bar V_t\rVert_F^2}{\lVert \Delta W_s\rVert_F^2}
+          = \frac{\lVert R_u\,\Delta\Sigma_s R_v\rVert_F^2}{\lVert \Delta\Sigma_s\rVert_F^2}
 
 of its energy. Averaged over random :math:`\Delta\Sigma_s` with i.i.d. zero-mean entries (the proof is in
 notebook 11, ``11_should_i_transfer.ipynb``):
 
 * a **full** r×r :math:`\Delta\Sigma_s` keeps :math:`\Phi_U\Phi_V` (:func:`expected_kept_energy`, ``diagonal=False``);
-* a **diagonal** one keeps :math:`\frac1r\sum_k a_k b_k = \Phi_U\Phi_V + \mathrm{cov}_k(a_k, b_k)`, which lies in
-  :math:`[\max(0, \Phi_U + \Phi_V - 1),\ \min(\Phi_U, \Phi_V)]`;
-* one given :math:`\Delta\Sigma_s` keeps between :math:`\sigma_{\min}(A)^2\sigma_{\min}(B)^2` and
-  :math:`\sigma_{\max}(A)^2\sigma_{\max}(B)^2` (:func:`kept_energy_range`).
+* a **diagonal** one keeps :math:`E_\Phi = \frac1r\sum_k a_k b_k = \Phi_U\Phi_V + \mathrm{cov}_k(a_k, b_k)`, which lies
+  in :math:`[\max(0, \Phi_U + \Phi_V - 1),\ \min(\Phi_U, \Phi_V)]`;
+* one given :math:`\Delta\Sigma_s` keeps between :math:`\sigma_{\min}(R_u)^2\sigma_{\min}(R_v)^2` and
+  :math:`\sigma_{\max}(R_u)^2\sigma_{\max}(R_v)^2` (:func:`kept_energy_range`).
 
 Unrelated r-dimensional subspaces of an m-dimensional space have :math:`a_k \approx r/m` (the random level of Φ),
 so they keep about :math:`r^2/(mn)`. :func:`predict_transfer` (``python -m lorax_ref transfer --dry-run``)
 reports, per layer, Φ_U, Φ_V, this expectation, the exact kept energy of a given adapter
-(:math:`\lVert U_t^\top \Delta W_s V_t\rVert^2` from its factors, no m×n product), the gate decision and a verdict.
+(:math:`\lVert \bar U_t^\top \Delta W_s \bar V_t\rVert^2` from its factors, no m×n product), the gate decision and a
+verdict.
 """
 from __future__ import annotations
 
@@ -61,8 +64,8 @@ SAME_SPECTRUM = 1e-4  # relative change of the top-r singular values below which
 
 
 def overlaps(U_s: torch.Tensor, U_t: torch.Tensor) -> torch.Tensor:
-    r""":math:`a_k = \lVert U_t^\top \bar u_k\rVert^2` for k = 1..r: the share of the k-th source direction that the
-    target's subspace keeps (``a.mean()`` is Φ of Eq. (4)). Returns ``(r_s,)``."""
+    r""":math:`a_k = \lVert \bar U_t^\top u_{s,k}\rVert^2` for k = 1..r: the share of the k-th source direction that
+    the target's subspace keeps (``a.mean()`` is Φ of Eq. (4)). Returns ``(r_s,)``."""
     checks.same_device(U_s=U_s, U_t=U_t)
     checks.basis("U_s", U_s)
     checks.basis("U_t", U_t, rows=U_s.shape[0])
@@ -76,7 +79,7 @@ def expected_kept_energy(U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor
 
     .. math:: \text{diagonal: } \frac1r\sum_{k=1}^r a_k b_k, \qquad \text{full: } \Phi_U\,\Phi_V
 
-    Both are ratios of expectations :math:`E\lVert A\Delta\Sigma B\rVert^2 / E\lVert\Delta\Sigma\rVert^2`, and equal
+    Both are ratios of expectations :math:`E\lVert R_u\Delta\Sigma R_v\rVert^2 / E\lVert\Delta\Sigma\rVert^2`, and equal
     the expectation of the ratio when the entries are Gaussian.
     """
     a, b = overlaps(U_s, U_t), overlaps(V_s, V_t)  # (r,), (r,)
@@ -88,14 +91,14 @@ def expected_kept_energy(U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor
 
 def kept_energy_range(U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor) -> tuple[float, float]:
     r"""The least and the most any LoRA-X update can keep through Eq. (3):
-    :math:`\big(\sigma_{\min}(A)^2\sigma_{\min}(B)^2,\ \sigma_{\max}(A)^2\sigma_{\max}(B)^2\big)`, i.e. the squared
+    :math:`\big(\sigma_{\min}(R_u)^2\sigma_{\min}(R_v)^2,\ \sigma_{\max}(R_u)^2\sigma_{\max}(R_v)^2\big)`, i.e. the squared
     cosines of the largest and of the smallest principal angles, multiplied over the two sides."""
     checks.same_device(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
     for name, X, rows in (("U_s", U_s, None), ("V_s", V_s, None), ("U_t", U_t, U_s.shape[0]), ("V_t", V_t, V_s.shape[0])):
         checks.basis(name, X, rows=rows)
     checks.same_rank(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
-    s_a = torch.linalg.svdvals((U_t.T @ U_s).double())  # (r,) cosines of the principal angles, left
-    s_b = torch.linalg.svdvals((V_s.T @ V_t).double())  # (r,) right
+    s_a = torch.linalg.svdvals((U_t.T @ U_s).double())  # (r,) of R_u: cosines of the principal angles, left
+    s_b = torch.linalg.svdvals((V_s.T @ V_t).double())  # (r,) of R_v, right
     return float(s_a.min() ** 2 * s_b.min() ** 2), float(s_a.max() ** 2 * s_b.max() ** 2)
 
 
@@ -134,7 +137,7 @@ def _kept(layer, case: str, U_s, V_s, U_t, V_t, dev) -> tuple[float, float]:
     total = float(D.pow(2).sum())  # = ‖ΔW_s‖² / ‖ΔΣ‖² = 1 (Ū_s, V̄_s orthonormal)
     if case != "same_dim":
         return (1.0 if total > 0 else math.nan), energy  # C_s = ΔΣ_s: copied, energy kept by construction
-    C = (U_t.T @ U_s) @ D @ (V_s.T @ V_t)  # Eq. (3) rotation form: (r, r) @ (r, r) @ (r, r)
+    C = (U_t.T @ U_s) @ D @ (V_s.T @ V_t)  # Eq. (3) rotation form R_u ΔΣ_s R_v: (r, r) @ (r, r) @ (r, r)
     return (float(C.pow(2).sum()) / total if total > 0 else math.nan), energy
 
 
