@@ -1124,6 +1124,45 @@ def _check_shape(layer, shape_adapter: tuple, stem: str, shape_base: tuple, what
                            f"weight but {stem!r} in the {what} is {shape_base[0]}x{shape_base[1]}{hint}")
 
 
+def transfer_settings(adapter, source, r, threshold, side, method, out_format, layer_map, device,
+                      ignore_base_hash) -> tuple:
+    """Every option of :func:`transfer_adapter` checked before any SVD (also used by its dry run,
+    :func:`lorax_ref.predict.predict_transfer`, so that a dry run refuses what the transfer would refuse).
+
+    ``adapter`` may be None (a prediction from the bases alone). Returns ``(r, threshold, fmt_out, layer_map,
+    device)`` with the defaults filled in: r = the LoRA-X adapter's rank, else 320 (the paper's).
+    """
+    threshold = checks.threshold(threshold)
+    if side not in SIDES:
+        raise AdapterError(f"side={side!r} is not one of {SIDES}")
+    if method not in METHODS:
+        raise AdapterError(f"method={method!r} is not one of {METHODS}")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
+        raise AdapterError(f"r must be None or an int >= 1, got {r!r}")
+    if layer_map is not None and not (isinstance(layer_map, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in layer_map.items())):
+        raise AdapterError("layer_map must be a dict {source weight name: target weight name} of strings")
+    device = parse_device(device, "device")
+    layer_map = dict(layer_map or {})
+    fmt_in = adapter.format if adapter is not None else None
+    fmt_out = fmt_in if out_format == "auto" else out_format
+    if adapter is not None and fmt_out not in (PEFT, KOHYA, LORAX):
+        raise AdapterError(f"unknown output format {out_format!r}; use auto, peft, kohya or lorax")
+    if adapter is not None and fmt_out == KOHYA and fmt_in != KOHYA:
+        raise AdapterError("kohya output needs kohya input (kohya names are derived from the input's); use --out-format peft")
+    if fmt_in == LORAX:
+        if r is not None and r != adapter.rank:
+            raise AdapterError(f"--rank {r} differs from the LoRA-X adapter's rank {adapter.rank}: its ΔΣ lives in the "
+                               f"top-{adapter.rank} bases; omit --rank")
+        r = adapter.rank
+        if source.sha256 != adapter.base_sha256 and not ignore_base_hash:
+            raise AdapterError(
+                f"the LoRA-X adapter was made for the base with sha256 {adapter.base_sha256[:16]}…, but the source "
+                f"checkpoint {source.path.name} has sha256 {source.sha256[:16]}…; pass --ignore-base-hash to use it anyway")
+    r = 320 if r is None else r
+    return r, threshold, fmt_out, layer_map, device
+
+
 def transfer_adapter(
     adapter: Adapter,
     source,
@@ -1167,34 +1206,9 @@ def transfer_adapter(
     from .cache import BasisCache
 
     cache = cache if cache is not None else BasisCache(None)
-    threshold = checks.threshold(threshold)
-    if side not in SIDES:
-        raise AdapterError(f"side={side!r} is not one of {SIDES}")
-    if method not in METHODS:
-        raise AdapterError(f"method={method!r} is not one of {METHODS}")
-    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
-        raise AdapterError(f"r must be None or an int >= 1, got {r!r}")
-    if layer_map is not None and not (isinstance(layer_map, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in layer_map.items())):
-        raise AdapterError("layer_map must be a dict {source weight name: target weight name} of strings")
-    device = parse_device(device, "device")
-    layer_map = dict(layer_map or {})
+    r, threshold, fmt_out, layer_map, device = transfer_settings(
+        adapter, source, r, threshold, side, method, out_format, layer_map, device, ignore_base_hash)
     fmt_in = adapter.format
-    fmt_out = fmt_in if out_format == "auto" else out_format
-    if fmt_out not in (PEFT, KOHYA, LORAX):
-        raise AdapterError(f"unknown output format {out_format!r}; use auto, peft, kohya or lorax")
-    if fmt_out == KOHYA and fmt_in != KOHYA:
-        raise AdapterError("kohya output needs kohya input (kohya names are derived from the input's); use --out-format peft")
-    if fmt_in == LORAX:
-        if r is not None and r != adapter.rank:
-            raise AdapterError(f"--rank {r} differs from the LoRA-X adapter's rank {adapter.rank}: its ΔΣ lives in the "
-                               f"top-{adapter.rank} bases; omit --rank")
-        r = adapter.rank
-        if source.sha256 != adapter.base_sha256 and not ignore_base_hash:
-            raise AdapterError(
-                f"the LoRA-X adapter was made for the base with sha256 {adapter.base_sha256[:16]}…, but the source "
-                f"checkpoint {source.path.name} has sha256 {source.sha256[:16]}…; pass --ignore-base-hash to use it anyway")
-    r = 320 if r is None else r
     dev = torch.device(device)
     idx_s, idx_t = BaseIndex(source), BaseIndex(target)
     sha_s, sha_t = source.sha256, target.sha256

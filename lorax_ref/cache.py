@@ -71,12 +71,15 @@ class BasisCache:
     code path with or without a cache. ``hits`` / ``misses`` count what happened, ``methods`` how the
     computed ones were made (the CLI reports them). ``fast=True`` computes with the certified fast path
     (:func:`lorax_ref.fast.top_r_bases`: the reference SVD for any layer it cannot certify).
+    ``read_only=True`` reads entries but never writes one (a dry run writes nothing).
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, enabled: bool = True, fast: bool = False):
+    def __init__(self, root: str | os.PathLike | None = None, enabled: bool = True, fast: bool = False,
+                 read_only: bool = False):
         self.enabled = enabled and root is not None
         self.root = Path(root).expanduser() if root is not None else None
         self.fast = bool(fast)
+        self.read_only = bool(read_only)
         self.hits = 0
         self.misses = 0
         self.methods: dict[str, int] = {}
@@ -127,7 +130,7 @@ class BasisCache:
     def store(self, sha256: str, name: str, r: int, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor,
               sigma_next: float | None = None) -> None:
         """Write one entry atomically (temporary file + rename); failures to write are not fatal."""
-        if not self.enabled:
+        if not self.enabled or self.read_only:
             return
         from safetensors import SafetensorError
         from safetensors.torch import save_file

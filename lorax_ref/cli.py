@@ -70,6 +70,15 @@ file name; LoRA-X: *.lorax.safetensors) and the report lorax_report.json / lorax
 (Φ_U, Φ_V, case, gate decision and kept energy ‖ΔW_t‖²/‖ΔW_s‖² per layer).
 Base checkpoints: a packaged alias (minilm-l6, minilm-l6-int8, minilm-l3), a .safetensors or an .onnx
 file; pickles (.bin/.ckpt/.pt) only with --allow-pickle.
+
+Predict before you transfer: --dry-run runs the same checks and prints, per layer and in total, Φ_U, Φ_V,
+the random level r/d of Φ, Δσ (relative change of the top-r singular values), the gate decision, the kept
+energy expected for a LoRA-X update ((1/r) Σ_k a_k b_k with a_k = ‖U_tᵀ u_s,k‖², b_k = ‖V_tᵀ v_s,k‖²: about
+Φ_U·Φ_V), the exact kept energy of the given adapter (‖U_tᵀ ΔW_s V_t‖²/‖ΔW_s‖², from its factors), a verdict
+per layer and a one-line recommendation. It writes nothing (no --out needed; cached bases are read, never
+written) and exits 0 whatever it recommends. Without --adapter it predicts from the bases alone, for every
+weight both checkpoints share (or those matching --modules). Notebook 11 derives the numbers and the
+recommended gate: --threshold 0.8 --side both (min of Φ_U and Φ_V).
 """
 
 
@@ -79,9 +88,17 @@ def add_transfer_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--source-base", required=True, metavar="S",
                    help="checkpoint the adapter was trained on (alias, .safetensors or .onnx)")
     p.add_argument("--target-base", required=True, metavar="T", help="checkpoint to transfer the adapter to")
-    p.add_argument("--adapter", required=True, metavar="A",
-                   help="PEFT adapter directory, kohya .safetensors, or compact LoRA-X .safetensors")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist unless --force)")
+    p.add_argument("--adapter", metavar="A",
+                   help="PEFT adapter directory, kohya .safetensors, or compact LoRA-X .safetensors (required, except "
+                        "with --dry-run: then the prediction comes from the bases alone)")
+    p.add_argument("--out", metavar="DIR", help="output directory (must not exist unless --force); required, except "
+                                               "with --dry-run, which writes nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="predict instead of transferring: Φ_U, Φ_V, gate, expected and exact kept energy and a "
+                        "recommendation per layer and in total; writes nothing")
+    p.add_argument("--modules", metavar="REGEX", default=None,
+                   help="with --dry-run and no --adapter: predict for the source weights matching this regular "
+                        "expression (default: every weight both checkpoints share, of width >= r)")
     p.add_argument("--rank", type=_positive_int, default=None, metavar="R",
                    help="LoRA-X rank r of the truncated bases U (m, r), V (n, r); default: the adapter's rank for a "
                         "LoRA-X adapter, else 320 (the paper's); must be <= min(m, n) of every layer")
@@ -112,10 +129,11 @@ def add_transfer_parser(subparsers) -> argparse.ArgumentParser:
                         "SVD, which it falls back to per layer); measured 1.8-4.2x faster per layer 640 to 2048 wide with r <= width/4 (two recorded runs, 2 cores)")
     p.add_argument("--device", default=None,
                    help="torch device for the float64 computation (default: $LORAX_DEVICE, else cpu)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar and no table on stdout")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no table on stdout (with --dry-run: the recommendation only)")
     p.add_argument("--json", action="store_true", help="print the JSON report on stdout instead of the table")
     _common(p)
-    p.set_defaults(func=cmd_transfer)
+    p.set_defaults(func=cmd_transfer, parser=p)
     return p
 
 
@@ -126,8 +144,9 @@ def _methods(cache) -> str:
     return ", fast: " + ", ".join(f"{n} {k}" for k, n in sorted(cache.methods.items()))
 
 
-def _cache(args, inputs: list[Path], out: Path):
-    """The basis cache; refused inside an input (it would write subfolders into it) or inside ``out``."""
+def _cache(args, inputs: list[Path], out: Path | None, read_only: bool = False):
+    """The basis cache; refused inside an input (it would write subfolders into it) or inside ``out``.
+    ``read_only`` (the dry run): entries are read, never written."""
     from .adapters import AdapterError, check_not_an_input
     from .cache import BasisCache, default_cache_dir
 
@@ -136,6 +155,8 @@ def _cache(args, inputs: list[Path], out: Path):
         return BasisCache(None, enabled=False, fast=fast)
     root = Path(args.cache_dir or default_cache_dir()).expanduser()
     what = "--cache-dir" if args.cache_dir else "the basis cache directory ($LORAX_CACHE_DIR or the default)"
+    if read_only:
+        return BasisCache(root, fast=fast, read_only=True)
     check_not_an_input(root, inputs, what=what, holds_inputs_ok=True)
     out = out.resolve()
     if root.resolve() == out or out in root.resolve().parents:
@@ -186,19 +207,33 @@ def _read_layer_map(spec: str) -> dict[str, str]:
     return {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in layer_map.items()}
 
 
+def _device(args):
+    """--device, else $LORAX_DEVICE, else cpu (checked: a typo or an absent CUDA device is one clear line)."""
+    from .device import parse_device
+
+    if args.device:
+        return parse_device(args.device, "--device")
+    return parse_device(os.environ.get("LORAX_DEVICE") or "cpu", "$LORAX_DEVICE")
+
+
 def cmd_transfer(args) -> int:
     from .adapters import (REPORT_JSON, REPORT_TXT, AdapterError, check_not_an_input, load_adapter, open_base,
                            save_adapter, transfer_adapter, write_output_dir)
-    from .device import parse_device
 
+    if args.dry_run:
+        return cmd_dry_run(args)
+    missing = [opt for opt, value in (("--adapter", args.adapter), ("--out", args.out)) if value is None]
+    if missing:
+        args.parser.error(f"the following arguments are required: {', '.join(missing)} (or pass --dry-run)")
+    if args.modules is not None:
+        args.parser.error("--modules applies only to --dry-run without --adapter")
     # everything cheap is checked before any expensive work
     out = Path(args.out)
     inputs = _inputs(args.adapter, (args.source_base, args.target_base), (args.layer_map,))
     check_not_an_input(out, inputs)
     if out.exists() and not args.force:
         raise AdapterError(f"output {out} already exists; pass --force to replace it")
-    device = parse_device(args.device, "--device") if args.device else parse_device(
-        os.environ.get("LORAX_DEVICE") or "cpu", "$LORAX_DEVICE")
+    device = _device(args)
     layer_map = _read_layer_map(args.layer_map) if args.layer_map else None
     cache = _cache(args, inputs, out)
 
@@ -209,7 +244,7 @@ def cmd_transfer(args) -> int:
             out_format=args.out_format, layer_map=layer_map, cache=cache, ignore_base_hash=args.ignore_base_hash,
             device=device, progress=not args.quiet, target_name=args.target_base)
     report = result.report()
-    report["command"] = ["transfer"] + [f"{k}={v}" for k, v in sorted(vars(args).items()) if k not in ("func",)]
+    report["command"] = ["transfer"] + [f"{k}={v}" for k, v in sorted(vars(args).items()) if k not in ("func", "parser")]
     table = result.table()
 
     def fill(tmp: Path) -> None:
@@ -224,6 +259,42 @@ def cmd_transfer(args) -> int:
         print(table)
         print(f"wrote {result.adapter.format} adapter to {out} "
               f"(bases: {cache.hits} cached, {cache.misses} computed{_methods(cache)})")
+    return 0
+
+
+def cmd_dry_run(args) -> int:
+    """``transfer --dry-run``: the prediction of :func:`lorax_ref.predict.predict_transfer`; writes nothing.
+
+    The checks of a real run come first (the options, the layers, and --out / --force when --out is given),
+    so that a dry run that passes means the transfer's checks pass too."""
+    from .adapters import AdapterError, check_not_an_input, load_adapter, open_base
+    from .predict import predict_transfer
+
+    if args.modules is not None and args.adapter is not None:
+        args.parser.error("--modules selects weights only for a --dry-run without --adapter")
+    inputs = _inputs(args.adapter, (args.source_base, args.target_base), (args.layer_map,))
+    if args.out is not None:  # what the real run would refuse, refused now (nothing is written either way)
+        check_not_an_input(Path(args.out), inputs)
+        if Path(args.out).exists() and not args.force:
+            raise AdapterError(f"output {args.out} already exists; pass --force to replace it")
+    device = _device(args)
+    layer_map = _read_layer_map(args.layer_map) if args.layer_map else None
+    cache = _cache(args, inputs, None, read_only=True)
+    adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle) if args.adapter is not None else None
+    with open_base(args.source_base, args.allow_pickle) as source, open_base(args.target_base, args.allow_pickle) as target:
+        prediction = predict_transfer(
+            adapter, source, target, r=args.rank, threshold=args.threshold, side=args.side, method=args.method,
+            out_format=args.out_format, layer_map=layer_map, modules=args.modules, cache=cache,
+            ignore_base_hash=args.ignore_base_hash, device=device, progress=not args.quiet)
+    report = prediction.report()
+    report["command"] = ["transfer"] + [f"{k}={v}" for k, v in sorted(vars(args).items()) if k not in ("func", "parser")]
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif args.quiet:
+        print("recommendation: " + report["summary"]["recommendation"])
+    else:
+        print(prediction.table())
+        print(f"dry run: nothing written (bases: {cache.hits} cached, {cache.misses} computed{_methods(cache)})")
     return 0
 
 
