@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from . import checks
-from .adapters import AdapterError, BaseIndex, LoraLayer, _plan_layer, transfer_settings
+from .files.adapters import AdapterError, BaseIndex, LoraLayer, _plan_layer, transfer_settings
 from .core import _gate_phi, subspace_similarity
 from .errors import LoraxInputError
 from .linalg import spectrum_warnings
@@ -300,8 +300,8 @@ def predict_transfer(
     that the target has, and the expectation for a random LoRA-X update (:func:`expected_kept_energy`).
     ``cache`` is only read from when it is ``read_only`` (the command line's dry run).
     """
-    from .adapters import LORAX
-    from .cache import BasisCache
+    from .files.adapters import LORAX
+    from .files.cache import BasisCache
 
     cache = cache if cache is not None else BasisCache(None)
     r, threshold, _, layer_map, device = transfer_settings(

@@ -1,4 +1,4 @@
-"""lorax_ref.minilm: the torch encoder against the ONNX graphs, and the adapter modules against numpy."""
+"""lorax_ref.experiments.minilm: the torch encoder against the ONNX graphs, and the adapter modules against numpy."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +9,8 @@ from torch import nn
 from lorax_ref.errors import LoraxInputError
 
 pytest.importorskip("tokenizers")
-from lorax_ref.checkpoints import PACKAGED_MODELS, open_checkpoint, packaged_file
-from lorax_ref.minilm import (
+from lorax_ref.files.checkpoints import PACKAGED_MODELS, open_checkpoint, packaged_file
+from lorax_ref.experiments.minilm import (
     LoraLinear,
     LoraXLinear,
     MiniLM,

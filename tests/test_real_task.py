@@ -18,9 +18,9 @@ from lorax_ref.errors import LoraxInputError
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("tokenizers")
-from lorax_ref import data_bbc
-from lorax_ref import realtask as rt
-from lorax_ref.minilm import MiniLM, MiniLMConfig
+from lorax_ref.experiments import bbc as data_bbc
+from lorax_ref.experiments import realtask as rt
+from lorax_ref.experiments.minilm import MiniLM, MiniLMConfig
 
 
 def _have_bbc() -> bool:

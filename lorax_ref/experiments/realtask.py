@@ -32,15 +32,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .core import (
+from ..core import (
     copy_sigma_transfer,
     subspace_similarity,
     transfer_mismatch,
     transfer_same_dim,
 )
-from .data_bbc import load_bbc, stratified_indices
-from .errors import LoraxInputError
-from .linalg import svd_topk
+from .bbc import load_bbc, stratified_indices
+from ..errors import LoraxInputError
+from ..linalg import svd_topk
 from .minilm import (
     PROJECTIONS,
     MiniLM,
@@ -54,7 +54,7 @@ from .minilm import (
     tokenize,
 )
 
-ADAPTER_DIR = Path(__file__).parent / "data" / "adapters"
+ADAPTER_DIR = Path(__file__).parents[1] / "data" / "adapters"
 
 
 @dataclass(frozen=True)
@@ -445,18 +445,18 @@ def finetune_l6(ft: FinetuneConfig, cfg: TaskConfig, base: MiniLM | None = None)
 
 
 def cache_dir() -> Path:
-    """Where regenerable artefacts (the fine-tuned L6) are kept: `$LORAX_CACHE` or ~/.cache/lorax_ref."""
-    import os
+    """Where the fine-tuned L6 is kept: ``models/`` under :func:`lorax_ref.files.cache.cache_root`
+    (``$LORAX_CACHE_DIR`` or ``~/.cache/lorax_ref``)."""
     import tempfile
 
-    if os.environ.get("LORAX_CACHE"):
-        return Path(os.environ["LORAX_CACHE"])
-    home = Path.home() / ".cache" / "lorax_ref"
+    from ..files.cache import cache_root
+
+    models = cache_root() / "models"
     try:
-        home.mkdir(parents=True, exist_ok=True)
-        return home
+        models.mkdir(parents=True, exist_ok=True)
+        return models
     except OSError:  # a read-only home (some CI runners): fall back to the temp dir
-        return Path(tempfile.gettempdir()) / "lorax_ref"
+        return Path(tempfile.gettempdir()) / "lorax_ref" / "models"
 
 
 def finetuned_l6(ft: FinetuneConfig, cfg: TaskConfig) -> MiniLM:

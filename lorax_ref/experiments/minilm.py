@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import PACKAGED_MODELS, Checkpoint, open_checkpoint, packaged_file
-from .core import lorax_delta
-from .errors import LoraxInputError
-from .linalg import svd_topk
+from ..files.checkpoints import PACKAGED_MODELS, Checkpoint, open_checkpoint, packaged_file
+from ..core import lorax_delta
+from ..errors import LoraxInputError
+from ..linalg import svd_topk
 
 __all__ = [
     "PROJECTIONS",
