@@ -147,7 +147,8 @@ def _methods(cache) -> str:
 def _cache(args, inputs: list[Path], out: Path | None, read_only: bool = False):
     """The basis cache; refused inside an input (it would write subfolders into it) or inside ``out``.
     ``read_only`` (the dry run): entries are read, never written."""
-    from .files.adapters import AdapterError, check_not_an_input
+    from .files.adapters import AdapterError
+    from .files.output import check_not_an_input
     from .files.cache import BasisCache, default_cache_dir
 
     fast = bool(getattr(args, "fast", False))
@@ -217,8 +218,9 @@ def _device(args):
 
 
 def cmd_transfer(args) -> int:
-    from .files.adapters import (REPORT_JSON, REPORT_TXT, AdapterError, check_not_an_input, load_adapter,
-                                 save_adapter, transfer_adapter, write_output_dir)
+    from .files.adapters import REPORT_JSON, REPORT_TXT, AdapterError, load_adapter, save_adapter
+    from .files.output import check_not_an_input, write_output_dir
+    from .files.transfer import transfer_adapter
     from .files.checkpoints import open_checkpoint
 
     if args.dry_run:
@@ -269,7 +271,8 @@ def cmd_dry_run(args) -> int:
 
     The checks of a real run come first (the options, the layers, and --out / --force when --out is given),
     so that a dry run that passes means the transfer's checks pass too."""
-    from .files.adapters import AdapterError, check_not_an_input, load_adapter
+    from .files.adapters import AdapterError, load_adapter
+    from .files.output import check_not_an_input
     from .files.checkpoints import open_checkpoint
     from .predict import predict_transfer
 
@@ -412,7 +415,9 @@ def cmd_random(args) -> int:
     import torch
 
     from .files.checkpoints import open_checkpoint
-    from .files.adapters import AdapterError, check_not_an_input, random_adapter, save_adapter, write_output_dir
+    from .files.adapters import AdapterError, save_adapter
+    from .files.example import random_adapter
+    from .files.output import check_not_an_input, write_output_dir
 
     inputs = _inputs(bases=(args.base,))
     check_not_an_input(args.out, inputs)

@@ -16,15 +16,10 @@ import torch
 from safetensors.torch import save_file
 
 from lorax_ref import LoraxInputError, svd_topk, transfer_layer
-from lorax_ref.files.adapters import (
-    AdapterError,
-    LoraLayer,
-    load_adapter,
-    random_adapter,
-    save_adapter,
-    transfer_adapter,
-    write_output_dir,
-)
+from lorax_ref.files.adapters import AdapterError, LoraLayer, load_adapter, save_adapter
+from lorax_ref.files.example import random_adapter
+from lorax_ref.files.output import write_output_dir
+from lorax_ref.files.transfer import transfer_adapter
 from lorax_ref.core import transfer_layer_from_bases
 from lorax_ref.files.cache import BasisCache
 from lorax_ref.files.checkpoints import files_sha256, open_checkpoint
@@ -565,7 +560,7 @@ def _dead_pid() -> int:
 
 
 def test_scratch_of_killed_runs_is_cleaned_and_nothing_else(tmp_path):
-    from lorax_ref.files.adapters import _host
+    from lorax_ref.files.output import _host
 
     dead, host = _dead_pid(), _host()
     stale = tmp_path / f".prev.lorax-tmp-{host}-{dead}-0badc0de"  # kill -9 during fill: a partial adapter

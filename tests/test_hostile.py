@@ -29,7 +29,9 @@ from safetensors.torch import save_file
 
 import lorax_ref as L
 from lorax_ref import LoraxInputError
-from lorax_ref.files.adapters import load_adapter, random_adapter, save_adapter, transfer_adapter
+from lorax_ref.files.adapters import load_adapter, save_adapter
+from lorax_ref.files.example import random_adapter
+from lorax_ref.files.transfer import transfer_adapter
 from lorax_ref.files.checkpoints import open_checkpoint
 from lorax_ref.cli import main
 

@@ -1,7 +1,7 @@
 r"""A small torch BERT / MiniLM sentence encoder, and the LoRA-X and LoRA modules trained on it.
 
 The encoder mirrors the Hugging Face `BertModel` module names (`encoder.layer.0.attention.self.query`, …)
-so that every weight of :mod:`lorax_ref.checkpoints` loads by name, and a LoRA-X update computed for
+so that every weight of :mod:`lorax_ref.files.checkpoints` loads by name, and a LoRA-X update computed for
 `encoder.layer.i.attention.self.query.weight` lands on that exact `nn.Linear`. Sentence embeddings are
 the all-MiniLM-L6-v2 recipe: mean of the last hidden states over real tokens, then L2-normalised.
 

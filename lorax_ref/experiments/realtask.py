@@ -307,7 +307,7 @@ def _weight(model: MiniLM, name: str) -> torch.Tensor:
 class Bases:
     """Top-r bases of a model's weights in float64, computed once per weight (SVDs dominate the cost).
 
-    `model` is a :class:`MiniLM` or an open :class:`~lorax_ref.checkpoints.Checkpoint` (read layer by layer).
+    `model` is a :class:`MiniLM` or an open :class:`~lorax_ref.files.checkpoints.Checkpoint` (read layer by layer).
     Weights with identical bytes share one decomposition (`shared`, e.g. the unpruned layers of a pruned copy).
     """
 

@@ -44,7 +44,7 @@ passes over W to reach 1e-9, against the two float64 passes of step 2.
 
 ``"gram64"`` is the same pipeline with a float64 ``eigh`` and no Newton step (small layers, m ≤ 384).
 ``"svd"`` is the reference itself; ``"auto"`` picks it when r + p covers most of min(m, n) (see
-:func:`_choose`): there the smallest singular values matter and nothing is left to save.
+:func:`lorax_ref.fast.solver._choose`): there the smallest singular values matter and nothing is left to save.
 
 Second adapter on the same base pair: the bases and the two r×r rotations
 :math:`R_U = \bar U_t^\top\bar U_s`, :math:`R_V = \bar V_s^\top \bar V_t` are kept in a :class:`LayerPair`; a new
