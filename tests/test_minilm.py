@@ -12,7 +12,7 @@ pytest.importorskip("tokenizers")
 from lorax_ref.files.checkpoints import PACKAGED_MODELS, open_checkpoint, packaged_file
 from lorax_ref.experiments.minilm import (
     LoraLinear,
-    LoraXLinear,
+    LoraxLinear,
     MiniLM,
     MiniLMConfig,
     adapter_deltas,
@@ -123,7 +123,7 @@ def _linear(m=12, n=9, seed=0):
 def test_lorax_linear_is_eq1_against_numpy():
     lin = _linear()
     W0 = lin.weight.detach().clone()
-    ad = LoraXLinear(lin, r=4)
+    ad = LoraxLinear(lin, r=4)
     assert [n for n, p in ad.named_parameters() if p.requires_grad] == ["dSigma_s"]
     x = torch.randn(5, 9)
     torch.testing.assert_close(ad(x), lin(x))  # ΔΣ starts at zero: the base layer unchanged

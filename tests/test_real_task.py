@@ -137,7 +137,7 @@ def test_transfer_deltas_is_transfer_layer(method, core_method, pruned):
     names = ["encoder.layer.1.attention.self.query.weight", "encoder.layer.1.intermediate.dense.weight",
              "encoder.layer.1.output.dense.weight"]
     deltas = {n: torch.randn(*src.get_parameter(n).shape, generator=g) for n in names}
-    bs, bt = rt.Bases(src, r), rt.Bases(tgt, r)
+    bs, bt = rt.ModelBases(src, r), rt.ModelBases(tgt, r)
     matching = {n: (n, 0.0) for n in names}
     got = rt.transfer_deltas(deltas, bs, bt, matching, method)
     for n in names:
@@ -156,7 +156,7 @@ def test_match_layers_finds_the_planted_layer():
         for name, p in tgt.encoder.layer[0].named_parameters():
             p.copy_(src.encoder.layer[2].get_parameter(name) + 0.01 * torch.randn_like(p))
     names = ["encoder.layer.2.attention.self.value.weight", "encoder.layer.2.output.dense.weight"]
-    matching = rt.match_layers(rt.Bases(src, 4), rt.Bases(tgt, 4), names)
+    matching = rt.match_layers(rt.ModelBases(src, 4), rt.ModelBases(tgt, 4), names)
     assert matching["encoder.layer.2.attention.self.value.weight"][0] == "encoder.layer.0.attention.self.value.weight"
     assert matching["encoder.layer.2.output.dense.weight"][0] == "encoder.layer.0.output.dense.weight"
     assert all(phi > 0.95 for _, phi in matching.values())

@@ -7,7 +7,7 @@ the all-MiniLM-L6-v2 recipe: mean of the last hidden states over real tokens, th
 
 Adapters (one wrapped `nn.Linear` each, base weight frozen, $x \mapsto x W^\top + b + x\,\Delta W^\top$):
 
-* :class:`LoraXLinear` — Eq. (1): $\Delta W_s = \bar U_s\, \mathrm{diag}(\Delta\Sigma_s)\, \bar V_s^\top$ with
+* :class:`LoraxLinear` — Eq. (1): $\Delta W_s = \bar U_s\, \mathrm{diag}(\Delta\Sigma_s)\, \bar V_s^\top$ with
   $\bar U_s, \bar V_s$ the top-r singular vectors of the frozen $W_s$ (from :func:`lorax_ref.svd_topk`)
   and $\Delta\Sigma_s \in \mathbb R^r$ the only trainable parameters;
 * :class:`LoraLinear` — plain LoRA $\Delta W = \frac{\alpha}{k} B A$, $B$ (m, k) zero-initialised, $A$ (k, n).
@@ -36,7 +36,7 @@ from ..linalg import svd_topk
 __all__ = [
     "PROJECTIONS",
     "LoraLinear",
-    "LoraXLinear",
+    "LoraxLinear",
     "MiniLM",
     "MiniLMConfig",
     "adapter_deltas",
@@ -241,7 +241,7 @@ def encode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, batch_size: 
 # ----------------------------------------------------------------------------------------------------------
 
 
-class LoraXLinear(nn.Module):
+class LoraxLinear(nn.Module):
     r"""Eq. (1) on one `nn.Linear`: $W_s' = W_s + \bar U_s\, \mathrm{diag}(\Delta\Sigma_s)\, \bar V_s^\top$.
 
     Only `dSigma_s` (r,) trains; `U_s` (m, r) and `V_s` (n, r) are frozen buffers from `svd_topk(W_s, r)`,
@@ -325,7 +325,7 @@ def add_adapters(model: nn.Module, kind: str, pattern: str, rank: int, seed: int
                     U, _, V = svd_topk(W64, rank)  # (m, r), (n, r) float64
                     svd_cache[key] = (U, V)
                 bases = tuple(b.to(base.weight.dtype) for b in svd_cache[key])
-            wrapped = LoraXLinear(base, rank, bases)
+            wrapped = LoraxLinear(base, rank, bases)
         else:
             wrapped = LoraLinear(base, rank, alpha, generator=g)
         _set_module(model, name, wrapped)
@@ -333,14 +333,14 @@ def add_adapters(model: nn.Module, kind: str, pattern: str, rank: int, seed: int
 
 
 def _adapters(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (LoraXLinear, LoraLinear))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoraxLinear, LoraLinear))}
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trained numbers only: `<module>.dSigma_s` (r,) or `<module>.lora_A` (k, n) / `.lora_B` (m, k)."""
     out = {}
     for name, mod in _adapters(model).items():
-        if isinstance(mod, LoraXLinear):
+        if isinstance(mod, LoraxLinear):
             out[f"{name}.dSigma_s"] = mod.dSigma_s.detach().clone()
         else:
             out[f"{name}.lora_A"] = mod.A.detach().clone()

@@ -17,7 +17,7 @@ $W_t$ (same name; for a shallower target the layer with the highest $\Phi$, Eq. 
 by Eq. (3) (:func:`lorax_ref.transfer_same_dim`) for equal shapes, §4.2.2
 (:func:`lorax_ref.transfer_mismatch`) for different shapes, or the no-rotation ablation
 (:func:`lorax_ref.copy_sigma_transfer`) — the dispatch of :func:`lorax_ref.transfer_layer`, with each
-weight decomposed once (:class:`Bases`). Run it all with ``scripts/train_bbc_adapters.py``; notebook 08
+weight decomposed once (:class:`ModelBases`). Run it all with ``scripts/train_bbc_adapters.py``; notebook 08
 loads the saved adapters and rebuilds the table.
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ from ..core import (
 )
 from .bbc import load_bbc, stratified_indices
 from ..errors import LoraxInputError
+from ..files.checkpoints import natural_key
 from ..linalg import svd_topk
 from .minilm import (
     PROJECTIONS,
@@ -304,7 +305,7 @@ def _weight(model: MiniLM, name: str) -> torch.Tensor:
     return model.get_parameter(name).detach()
 
 
-class Bases:
+class ModelBases:
     """Top-r bases of a model's weights in float64, computed once per weight (SVDs dominate the cost).
 
     `model` is a :class:`MiniLM` or an open :class:`~lorax_ref.files.checkpoints.Checkpoint` (read layer by layer).
@@ -331,7 +332,7 @@ class Bases:
         return self._cache[name]
 
 
-def phi_pair(bases_s: Bases, name_s: str, bases_t: Bases, name_t: str) -> tuple[float | None, float | None]:
+def phi_pair(bases_s: ModelBases, name_s: str, bases_t: ModelBases, name_t: str) -> tuple[float | None, float | None]:
     """(Φ_U, Φ_V) of Eq. (4) between two weights; None on a side whose dimensions differ."""
     (U_s, V_s), (U_t, V_t) = bases_s(name_s), bases_t(name_t)
     phi_u = subspace_similarity(U_s, U_t) if U_s.shape[0] == U_t.shape[0] else None
@@ -339,7 +340,7 @@ def phi_pair(bases_s: Bases, name_s: str, bases_t: Bases, name_t: str) -> tuple[
     return phi_u, phi_v
 
 
-def match_layers(bases_s: Bases, bases_t: Bases, names: list[str]) -> dict[str, tuple[str, float]]:
+def match_layers(bases_s: ModelBases, bases_t: ModelBases, names: list[str]) -> dict[str, tuple[str, float]]:
     """Each source weight → the target weight of the same projection with the highest mean Φ (Eq. (4)).
 
     A target of the same depth keeps the same name; a shallower one (L3) tries each of its layers.
@@ -358,10 +359,10 @@ def match_layers(bases_s: Bases, bases_t: Bases, names: list[str]) -> dict[str, 
     return out
 
 
-METHODS = {"lorax": "Eq. (3); §4.2.2 where shapes differ", "copy": "no-rotation ablation (Table 5)"}
+RULES = {"lorax": "Eq. (3); §4.2.2 where shapes differ", "copy": "no-rotation ablation (Table 5)"}
 
 
-def transfer_deltas(deltas: dict[str, torch.Tensor], bases_s: Bases, bases_t: Bases,
+def transfer_deltas(deltas: dict[str, torch.Tensor], bases_s: ModelBases, bases_t: ModelBases,
                     matching: dict[str, tuple[str, float]], method: str = "lorax") -> dict[str, torch.Tensor]:
     """Move each ΔW_s onto its matched target weight (float64 math, the result in ΔW_s's dtype).
 
@@ -370,8 +371,8 @@ def transfer_deltas(deltas: dict[str, torch.Tensor], bases_s: Bases, bases_t: Ba
     `method="copy"`: `copy_sigma_transfer(U_t, C_s, V_t)` with `C_s = Ū_sᵀ ΔW_s V̄_s`.
     Updates landing on the same target weight add up.
     """
-    if method not in METHODS:
-        raise LoraxInputError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if method not in RULES:
+        raise LoraxInputError(f"method must be one of {list(RULES)}, got {method!r}")
     out: dict[str, torch.Tensor] = {}
     for name, dW_s in deltas.items():
         tname = matching[name][0]
@@ -519,7 +520,7 @@ def train_all(models: dict[str, MiniLM], h: Headlines, cfg: TaskConfig, log=prin
     on the modules the transfer writes to. Keys `"<model>/<kind>/seed<k>"`."""
     names = adapter_names(cfg)
     shared: dict = {}
-    bases = {k: Bases(m, cfg.r, shared) for k, m in models.items()}
+    bases = {k: ModelBases(m, cfg.r, shared) for k, m in models.items()}
     out = {}
     for seed in cfg.seeds:
         for kind in ("lorax", "lora"):
@@ -527,18 +528,12 @@ def train_all(models: dict[str, MiniLM], h: Headlines, cfg: TaskConfig, log=prin
             log(f"trained source/{kind}/seed{seed}")
     for target in TARGETS:
         matching = match_layers(bases["source"], bases[target], names)
-        modules = sorted({t[: -len(".weight")] for t, _ in matching.values()}, key=_natural)
+        modules = sorted({t[: -len(".weight")] for t, _ in matching.values()}, key=natural_key)
         cache: dict = {}
         for seed in cfg.seeds:
             out[f"{target}/lorax/seed{seed}"] = train_adapter(models[target], h, cfg, "lorax", seed, modules, cache)
             log(f"trained {target}/lorax/seed{seed}")
     return out
-
-
-def _natural(name: str):
-    import re
-
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def evaluate_all(models: dict[str, MiniLM], adapters: dict[str, dict[str, torch.Tensor]], h: Headlines,
@@ -550,8 +545,8 @@ def evaluate_all(models: dict[str, MiniLM], adapters: dict[str, dict[str, torch.
     loses the update from a target on which the very same update no longer works.
     """
     names = adapter_names(cfg)
-    shared: dict = {}  # one SVD per distinct weight, shared by Bases and the adapters' frozen bases
-    bases = {k: Bases(m, cfg.r, shared) for k, m in models.items()}
+    shared: dict = {}  # one SVD per distinct weight, shared by ModelBases and the adapters' frozen bases
+    bases = {k: ModelBases(m, cfg.r, shared) for k, m in models.items()}
     src = models["source"]
     ev_s = Evaluator(src, h, _first_layer(names))
     source_deltas = {(kind, s): deltas_from_state(src, adapters[f"source/{kind}/seed{s}"], kind, cfg, shared)

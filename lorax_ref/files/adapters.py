@@ -308,9 +308,8 @@ def _peft_refusal(key: str) -> str | None:
     return None
 
 
-def read_peft(path: Path, allow_pickle: bool = False) -> Adapter:
-    """A PEFT LoRA directory: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin`` if allowed)."""
-    cfg_path = path / PEFT_CONFIG
+def _read_peft_config(cfg_path: Path) -> dict:
+    """``adapter_config.json`` as a dict, refused when it describes anything but a plain LoRA."""
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
@@ -336,6 +335,38 @@ def read_peft(path: Path, allow_pickle: bool = False) -> Adapter:
             raise AdapterError(f"{cfg_path}: refusing {why}")
     if "r" not in config:
         raise AdapterError(f"{cfg_path}: missing required field 'r'")
+    return config
+
+
+def _group_peft_tensors(weights: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
+    """module -> {"lora_A": (key, A), "lora_B": (key, B)}; any key a plain PEFT LoRA does not hold is refused."""
+    modules: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, t in tensors.items():
+        why = _peft_refusal(key)
+        if why:
+            raise AdapterError(f"{weights}: refusing key {key!r}: {why}")
+        match = _PEFT_KEY.match(key)
+        if not match:
+            raise AdapterError(f"{weights}: unexpected key {key!r} (a PEFT LoRA file holds only "
+                               "'<module>.lora_A.weight' and '<module>.lora_B.weight')")
+        slot = modules.setdefault(match["module"], {})
+        if match["which"] in slot:
+            raise AdapterError(f"{weights}: two {match['which']} tensors for module {match['module']!r}")
+        slot[match["which"]] = (key, _check_tensor(weights, key, t))
+    if not modules:
+        raise AdapterError(f"{weights}: contains no LoRA weights")
+    for module, slot in modules.items():
+        for which in ("lora_A", "lora_B"):
+            if which not in slot:
+                other = "lora_B" if which == "lora_A" else "lora_A"
+                raise AdapterError(f"{weights}: module {module!r} has {other} but no {which} (missing key)")
+    return modules
+
+
+def read_peft(path: Path, allow_pickle: bool = False) -> Adapter:
+    """A PEFT LoRA directory: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin`` if allowed)."""
+    cfg_path = path / PEFT_CONFIG
+    config = _read_peft_config(cfg_path)
     r_default = int(_config_number(cfg_path, "r", config["r"], rank=True))
     alpha_default = _config_number(cfg_path, "lora_alpha", config.get("lora_alpha", r_default))
     rank_pattern = config.get("rank_pattern") or {}
@@ -354,28 +385,8 @@ def read_peft(path: Path, allow_pickle: bool = False) -> Adapter:
             raise AdapterError(f"{path}: has {PEFT_CONFIG} but no {PEFT_WEIGHTS}")
         tensors, metadata, weights = _read_pickle(pickled, allow_pickle), {}, pickled
 
-    modules: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    for key, t in tensors.items():
-        why = _peft_refusal(key)
-        if why:
-            raise AdapterError(f"{weights}: refusing key {key!r}: {why}")
-        match = _PEFT_KEY.match(key)
-        if not match:
-            raise AdapterError(f"{weights}: unexpected key {key!r} (a PEFT LoRA file holds only "
-                               "'<module>.lora_A.weight' and '<module>.lora_B.weight')")
-        slot = modules.setdefault(match["module"], {})
-        if match["which"] in slot:
-            raise AdapterError(f"{weights}: two {match['which']} tensors for module {match['module']!r}")
-        slot[match["which"]] = (key, _check_tensor(weights, key, t))
-    if not modules:
-        raise AdapterError(f"{weights}: contains no LoRA weights")
-
     layers = []
-    for module, slot in modules.items():
-        for which in ("lora_A", "lora_B"):
-            if which not in slot:
-                other = "lora_B" if which == "lora_A" else "lora_A"
-                raise AdapterError(f"{weights}: module {module!r} has {other} but no {which} (missing key)")
+    for module, slot in _group_peft_tensors(weights, tensors).items():
         (key_a, A), (key_b, B) = slot["lora_A"], slot["lora_B"]
         A, conv_a = _flatten_kernel(weights, key_a, A, "lora_A")
         B, conv_b = _flatten_kernel(weights, key_b, B, "lora_B")

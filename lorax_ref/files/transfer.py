@@ -380,47 +380,73 @@ def transfer_adapter(
     """
     from .cache import BasisCache
 
-    cache = cache if cache is not None else BasisCache(None)
     r, threshold, fmt_out, layer_map, device = transfer_settings(
         adapter, source, r, threshold, side, method, out_format, layer_map, device, ignore_base_hash)
-    fmt_in = adapter.format
-    dev = torch.device(device)
-    idx_s, idx_t = BaseIndex(source), BaseIndex(target)
-    sha_s, sha_t = source.sha256, target.sha256
-
-    rows: list[LayerRow] = []
-    out_layers = []
+    run = _Run(LayerSettings(r, threshold, side, method, adapter.format, fmt_out, torch.device(device)),
+               BaseIndex(source), BaseIndex(target), source.sha256, target.sha256,
+               cache if cache is not None else BasisCache(None))
     seen_targets: dict[str, str] = {}
     # every layer's weights, shapes and rank are checked before the first SVD: a bad run fails in seconds
-    plans = [_plan_layer(layer, fmt_in, idx_s, idx_t, layer_map, seen_targets, r, method, threshold, side)
-             for layer in adapter.layers]
+    plans = [_plan_layer(layer, adapter.format, run.idx_s, run.idx_t, layer_map, seen_targets, r, method, threshold,
+                         side) for layer in adapter.layers]
+    rows: list[LayerRow] = []
+    out_layers = []
     # the bar goes to stderr and only on a terminal (disable=None); it is closed even when a layer fails
     with tqdm(adapter.layers, desc="transfer", unit="layer", leave=False, disable=None if progress else True) as bar:
         for layer, plan in zip(bar, plans):
             try:
-                row, new = _transfer_one(layer, plan, fmt_in, fmt_out, idx_s, idx_t, sha_s, sha_t, r, threshold, side,
-                                         method, cache, dev)
+                row, new = _transfer_one(layer, plan, run)
             except LoraxInputError as exc:
                 raise type(exc)(f"layer {layer.module!r}: {exc}") from None
             rows.append(row)
             if new is not None:
                 out_layers.append(new)
-
     out = _output_adapter(adapter, fmt_out, out_layers, r, target, target_name)
+    return TransferResult(out, rows, _run_info(adapter, out, source, target, target_name, run))
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """The checked options every layer of one transfer shares (see :func:`transfer_settings`)."""
+
+    r: int
+    threshold: float | None
+    side: str
+    method: str
+    fmt_in: str
+    fmt_out: str
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One transfer: its settings, the two indexed checkpoints with their sha256, and the basis cache."""
+
+    settings: LayerSettings
+    idx_s: BaseIndex
+    idx_t: BaseIndex
+    sha_s: str
+    sha_t: str
+    cache: object  # BasisCache
+
+
+def _run_info(adapter: Adapter, out: Adapter, source, target, target_name: str | None, run: _Run) -> dict:
+    """The report's header: inputs, output, both bases with their sha256, settings and cache counters."""
+    st, cache = run.settings, run.cache
     info = {
         "tool": "lorax_ref transfer",
-        "input": {"format": fmt_in, "path": str(adapter.path) if adapter.path else None},
-        "output": {"format": fmt_out},
-        "source_base": {"path": str(source.path), "sha256": sha_s},
-        "target_base": {"spec": target_name, "path": str(target.path), "sha256": sha_t},
-        "settings": {"r": r, "threshold": threshold, "side": side, "method": method, "device": str(dev),
-                     "compute_dtype": "float64"},
+        "input": {"format": st.fmt_in, "path": str(adapter.path) if adapter.path else None},
+        "output": {"format": st.fmt_out},
+        "source_base": {"path": str(source.path), "sha256": run.sha_s},
+        "target_base": {"spec": target_name, "path": str(target.path), "sha256": run.sha_t},
+        "settings": {"r": st.r, "threshold": st.threshold, "side": st.side, "method": st.method,
+                     "device": str(st.device), "compute_dtype": "float64"},
         "cache": {"enabled": cache.enabled, "hits": cache.hits, "misses": cache.misses,
                   "fast": cache.fast, "methods": dict(cache.methods)},
     }
-    if fmt_out == PEFT:
+    if st.fmt_out == PEFT:
         info["output"]["base_model_name_or_path"] = out.config["base_model_name_or_path"]
-    return TransferResult(out, rows, info)
+    return info
 
 
 def _plan_layer(layer, fmt_in, idx_s, idx_t, layer_map, seen_targets, r, method, threshold, side) -> tuple:
@@ -450,12 +476,13 @@ def _plan_layer(layer, fmt_in, idx_s, idx_t, layer_map, seen_targets, r, method,
     return stem_s, stem_t, shape_s, shape_t
 
 
-def _transfer_one(layer, plan, fmt_in, fmt_out, idx_s, idx_t, sha_s, sha_t, r, threshold, side, method, cache, dev):
+def _transfer_one(layer, plan: tuple, run: _Run):
     """One adapter layer: get the bases, transfer, re-factorise. Returns (report row, new layer or None)."""
     stem_s, stem_t, shape_s, shape_t = plan
+    st, cache, dev = run.settings, run.cache, run.settings.device
     hits = cache.hits
-    U_s, S_s, V_s, next_s = cache.bases_and_next(sha_s, stem_s, r, lambda: idx_s.load(stem_s), device=dev)  # (m_s, r), (r,), (n_s, r)
-    U_t, S_t, V_t, next_t = cache.bases_and_next(sha_t, stem_t, r, lambda: idx_t.load(stem_t), device=dev)  # (m_t, r), (r,), (n_t, r)
+    U_s, S_s, V_s, next_s = cache.bases_and_next(run.sha_s, stem_s, st.r, lambda: run.idx_s.load(stem_s), device=dev)  # (m_s, r), (r,), (n_s, r)
+    U_t, S_t, V_t, next_t = cache.bases_and_next(run.sha_t, stem_t, st.r, lambda: run.idx_t.load(stem_t), device=dev)  # (m_t, r), (r,), (n_t, r)
     bases = {0: "computed", 1: "mixed", 2: "cached"}[cache.hits - hits]
     warnings = (spectrum_warnings(f"source weight {stem_s!r}", S_s, next_s, shape_s, torch.float64)
                 + spectrum_warnings(f"target weight {stem_t!r}", S_t, next_t, shape_t, torch.float64))
@@ -464,36 +491,41 @@ def _transfer_one(layer, plan, fmt_in, fmt_out, idx_s, idx_t, sha_s, sha_t, r, t
         dW_s = layer.delta().to(dev)  # s·BA, (m_s, n_s)
     else:
         dW_s = lorax_delta(U_s, layer.dSigma.to(dev, torch.float64), V_s)  # Eq. (1), (m_s, n_s)
-    dW_t, rep = transfer_layer_from_bases(dW_s, U_s, V_s, U_t, V_t, threshold, side, method)
+    dW_t, rep = transfer_layer_from_bases(dW_s, U_s, V_s, U_t, V_t, st.threshold, st.side, st.method)
 
     out_module, err, new = None, None, None
     if not rep.gated:
-        out_module = _rename(layer.module, stem_s, stem_t, fmt_in) if fmt_out == fmt_in else stem_t
-        if fmt_out == LORAX:
-            C = _target_coordinates(dW_t, U_t, V_t, layer.module)  # ΔΣ_{t←s}, (r, r)
-            diagonal = isinstance(layer, LoraxLayer) and layer.dSigma.ndim == 1 and rep.case != "same_dim"
-            err = _rel_err(U_t @ C @ V_t.T, dW_t)
-            dSigma = torch.diagonal(C) if diagonal else C  # copy/§4.2.2 keep ΔΣ_s: diagonal stays diagonal
-            if diagonal:
-                err = max(err, _rel_err(torch.diag(dSigma), C))
-                if err > REFACTOR_RTOL:
-                    raise AssertionError(f"{layer.module}: expected a diagonal ΔΣ_t (rel. err {err:.2e})")
-            new = LoraxLayer(out_module, _cast_output(dSigma, layer.dtype, "ΔΣ (dSigma)"))
-        elif isinstance(layer, LoraLayer):
-            L_t, R_t, err = _refactor_lora(layer, dW_t, U_t, V_t, rep.case, layer.module)
-            new = layer.with_stored_factors(L_t, R_t, module=out_module)
-        else:  # LoRA-X in, PEFT out: B = U_t ΔΣ_{t←s}, A = V_tᵀ, α = r (scale 1)
-            C = _target_coordinates(dW_t, U_t, V_t, layer.module)  # (r, r)
-            L_t, R_t = U_t @ C, V_t.T.contiguous()  # (m, r), (r, n)
-            err = _rel_err(L_t @ R_t, dW_t)
-            new = LoraLayer(out_module, _cast_output(L_t, layer.dtype, "B (lora_B)"),
-                            _cast_output(R_t, layer.dtype, "A (lora_A)"), alpha=float(r))
+        out_module = _rename(layer.module, stem_s, stem_t, st.fmt_in) if st.fmt_out == st.fmt_in else stem_t
+        new, err = _written_layer(layer, out_module, dW_t, U_t, V_t, rep.case, st)
     row = LayerRow(
         module=layer.module, out_module=out_module, source_weight=stem_s + ".weight",
-        target_weight=stem_t + ".weight", shape_s=shape_s, shape_t=shape_t, adapter_rank=layer.rank, r=r,
-        method=method, case=rep.case, phi_u=rep.phi_u, phi_v=rep.phi_v, phi=rep.phi, gated=rep.gated,
+        target_weight=stem_t + ".weight", shape_s=shape_s, shape_t=shape_t, adapter_rank=layer.rank, r=st.r,
+        method=st.method, case=rep.case, phi_u=rep.phi_u, phi_v=rep.phi_v, phi=rep.phi, gated=rep.gated,
         kept_energy=rep.kept_energy, refactor_rel_err=err, bases=bases, warnings=tuple(warnings))
     return row, new
+
+
+def _written_layer(layer, out_module: str, dW_t, U_t, V_t, case: str, st: LayerSettings):
+    """The transferred update ``dW_t`` (m, n) in the output format, and its relative error against ``dW_t``."""
+    if st.fmt_out == LORAX:
+        C = _target_coordinates(dW_t, U_t, V_t, layer.module)  # ΔΣ_{t←s}, (r, r)
+        diagonal = isinstance(layer, LoraxLayer) and layer.dSigma.ndim == 1 and case != "same_dim"
+        err = _rel_err(U_t @ C @ V_t.T, dW_t)
+        dSigma = torch.diagonal(C) if diagonal else C  # copy/§4.2.2 keep ΔΣ_s: diagonal stays diagonal
+        if diagonal:
+            err = max(err, _rel_err(torch.diag(dSigma), C))
+            if err > REFACTOR_RTOL:
+                raise AssertionError(f"{layer.module}: expected a diagonal ΔΣ_t (rel. err {err:.2e})")
+        return LoraxLayer(out_module, _cast_output(dSigma, layer.dtype, "ΔΣ (dSigma)")), err
+    if isinstance(layer, LoraLayer):
+        L_t, R_t, err = _refactor_lora(layer, dW_t, U_t, V_t, case, layer.module)
+        return layer.with_stored_factors(L_t, R_t, module=out_module), err
+    # LoRA-X in, PEFT out: B = U_t ΔΣ_{t←s}, A = V_tᵀ, α = r (scale 1)
+    C = _target_coordinates(dW_t, U_t, V_t, layer.module)  # (r, r)
+    L_t, R_t = U_t @ C, V_t.T.contiguous()  # (m, r), (r, n)
+    err = _rel_err(L_t @ R_t, dW_t)
+    return LoraLayer(out_module, _cast_output(L_t, layer.dtype, "B (lora_B)"),
+                     _cast_output(R_t, layer.dtype, "A (lora_A)"), alpha=float(st.r)), err
 
 
 def _output_adapter(adapter: Adapter, fmt_out: str, layers: list, r: int, target, target_name: str | None) -> Adapter:
