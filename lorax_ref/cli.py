@@ -83,6 +83,7 @@ recommended gate: --threshold 0.8 --side both (min of Φ_U and Φ_V).
 
 
 def add_transfer_parser(subparsers) -> argparse.ArgumentParser:
+    """The ``transfer`` subcommand and its options (``--dry-run`` included)."""
     p = subparsers.add_parser("transfer", help="transfer an adapter to another base model",
                               description=TRANSFER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source-base", required=True, metavar="S",
@@ -218,6 +219,7 @@ def _device(args):
 
 
 def cmd_transfer(args) -> int:
+    """``transfer``: load, transfer, write the output directory atomically; returns the exit code."""
     from .files.adapters import REPORT_JSON, REPORT_TXT, AdapterError, load_adapter, save_adapter
     from .files.output import check_not_an_input, write_output_dir
     from .files.transfer import transfer_adapter
@@ -311,6 +313,7 @@ def cmd_dry_run(args) -> int:
 
 
 def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
+    """The ``inspect`` subcommand: describe an adapter file or a checkpoint."""
     p = subparsers.add_parser("inspect", help="summarise an adapter or a checkpoint",
                               description="Summarise an adapter (PEFT directory, kohya or LoRA-X .safetensors) or a "
                                           "base checkpoint (alias, .safetensors, .onnx): format, layers, ranks, "
@@ -345,6 +348,7 @@ def _is_adapter(path: Path) -> bool:
 
 
 def cmd_inspect(args) -> int:
+    """``inspect``: print an adapter's or a checkpoint's summary (JSON with ``--json``); returns the exit code."""
     from .files.adapters import load_adapter
     from .files.checkpoints import open_checkpoint
 
@@ -389,6 +393,7 @@ def cmd_inspect(args) -> int:
 
 
 def add_random_parser(subparsers) -> argparse.ArgumentParser:
+    """The ``random-adapter`` subcommand: a seeded random adapter for a base checkpoint."""
     p = subparsers.add_parser(
         "random-adapter", help="write a seeded random adapter for a checkpoint (examples, tests)",
         description="Write a reproducible random adapter for the weights of BASE matching --modules: a plain LoRA "
@@ -412,6 +417,7 @@ def add_random_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_random(args) -> int:
+    """``random-adapter``: write a seeded random adapter; returns the exit code."""
     import torch
 
     from .files.checkpoints import open_checkpoint
@@ -451,6 +457,7 @@ SUBCOMMANDS: list[Callable] = [add_transfer_parser, add_inspect_parser, add_rand
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m lorax_ref`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog=PROG, description="LoRA-X reference: transfer adapters between base models, inspect files.")
     from . import __version__

@@ -27,6 +27,8 @@ N_ARTICLES = 2225
 
 @dataclass(frozen=True)
 class Article:
+    """One BBC News article: its topic, its file in the corpus, its title and body."""
+
     topic: str
     file: str  # e.g. "business/001.txt"
     title: str
@@ -34,10 +36,12 @@ class Article:
 
     @property
     def label(self) -> int:
+        """Index of the topic in :data:`TOPICS`."""
         return TOPICS.index(self.topic)
 
     @property
     def text(self) -> str:
+        """Title and body as one string."""
         return f"{self.title}. {self.body}"
 
 

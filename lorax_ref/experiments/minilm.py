@@ -66,6 +66,8 @@ PROJECTIONS = {
 
 @dataclass(frozen=True)
 class MiniLMConfig:
+    """Sizes of a MiniLM (BERT) encoder: vocabulary, hidden width, heads, FFN width per layer, positions, LayerNorm eps."""
+
     vocab_size: int = 30522
     hidden: int = 384
     n_heads: int = 12
@@ -76,6 +78,7 @@ class MiniLMConfig:
 
     @property
     def n_layers(self) -> int:
+        """Number of transformer layers."""
         return len(self.intermediate)
 
 
@@ -84,6 +87,8 @@ class _Module(nn.Module):
 
 
 class BertLayer(nn.Module):
+    """One post-LayerNorm BERT layer: self-attention, then the feed-forward block, each with a residual."""
+
     def __init__(self, cfg: MiniLMConfig, ffn: int):
         super().__init__()
         h = cfg.hidden
@@ -103,6 +108,7 @@ class BertLayer(nn.Module):
         self.output.LayerNorm = nn.LayerNorm(h, eps=cfg.eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x (batch, tokens, hidden)`` → same shape; ``mask (batch, tokens)`` marks real tokens."""
         B, T, h = x.shape
         att = self.attention
         split = lambda t: t.view(B, T, self.n_heads, h // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
@@ -260,6 +266,7 @@ class LoraxLinear(nn.Module):
         self.dSigma_s = nn.Parameter(torch.zeros(r, dtype=base.weight.dtype))  # (r,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + x ΔW_sᵀ`` for ``x (..., in)``."""
         z = (x @ self.V_s) * self.dSigma_s  # (…, n) @ (n, r) -> (…, r), times diag(ΔΣ_s)
         return self.base(x) + z @ self.U_s.T  # (…, m)
 
@@ -283,9 +290,11 @@ class LoraLinear(nn.Module):
         self.B = nn.Parameter(torch.zeros(m, k, dtype=base.weight.dtype))  # (m, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + x ΔWᵀ`` for ``x (..., in)``."""
         return self.base(x) + (x @ self.A.T) @ self.B.T * self.scaling  # (…, n)->(…, k)->(…, m)
 
     def delta_weight(self) -> torch.Tensor:
+        """ΔW = s·B A, ``(out, in)``."""
         return self.scaling * self.B.detach() @ self.A.detach()  # (m, k) @ (k, n) -> (m, n)
 
 

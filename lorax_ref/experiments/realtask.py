@@ -82,13 +82,16 @@ class TaskConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The torch dtype named by ``dtype``."""
         return getattr(torch, self.dtype)
 
     def pattern(self, layers: tuple[int, ...] | None = None) -> str:
+        """Regular expression selecting the adapted projections of the given (default: the configured) layers."""
         layers = self.adapted_layers if layers is None else layers
         return rf"encoder\.layer\.({'|'.join(str(i) for i in layers)})\." + self.projections
 
     def digest(self) -> str:
+        """A short hash of the configuration (names cached and saved artefacts)."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -99,6 +102,8 @@ class TaskConfig:
 
 @dataclass
 class Headlines:
+    """The tokenised BBC headlines with their topic labels, the evaluation split and the pool training labels come from."""
+
     ids: torch.Tensor  # (N, T) token ids
     mask: torch.Tensor  # (N, T)
     labels: torch.Tensor  # (N,) topic index
@@ -319,6 +324,7 @@ class ModelBases:
             1 + max(int(k.split(".")[2]) for k in model if k.startswith("encoder.layer."))
 
     def weight(self, name: str) -> torch.Tensor:
+        """The float weight ``name`` of the model or checkpoint, ``(out, in)``."""
         return _weight(self.model, name) if isinstance(self.model, MiniLM) else self.model.get(name)
 
     def __call__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -414,6 +420,7 @@ class FinetuneConfig:
     seed: int = 0
 
     def digest(self) -> str:
+        """A short hash of the recipe (names the cached fine-tuned model)."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -47,6 +47,7 @@ class Certificate:
 
     @classmethod
     def reference(cls, r: int) -> Certificate:
+        """The certificate of the reference SVD: every bound 0 by definition."""
         zero = torch.zeros(r, dtype=torch.float64)
         return cls("svd", r, zero, zero.clone(), 0.0, 0.0, math.nan)
 
@@ -59,6 +60,7 @@ class Certificate:
         return spec * float(self.err_u.norm() + self.err_v.norm())
 
     def as_dict(self) -> dict:
+        """The bounds as JSON-able numbers (largest per-vector error per side)."""
         return {
             "method": self.method,
             "k": self.k,
@@ -82,6 +84,7 @@ class Bases:
 
     @property
     def r(self) -> int:
+        """The rank r (columns of ``U``)."""
         return self.U.shape[1]
 
 

@@ -43,6 +43,7 @@ class LayerPair:
 
     @property
     def r(self) -> int:
+        """The rank r of both layers' bases."""
         return self.source.r
 
     def _check_sigma(self, dSigma_s: torch.Tensor) -> torch.Tensor:

@@ -108,6 +108,7 @@ class LoraLayer:
 
     @property
     def rank(self) -> int:
+        """k, the LoRA rank (rows of ``A``)."""
         return int(self.A.shape[0])
 
     @property
@@ -117,6 +118,7 @@ class LoraLayer:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the factors are stored in."""
         return self.A.dtype
 
     def stored_factors(self, dtype=torch.float64, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,10 +168,12 @@ class LoraxLayer:
 
     @property
     def rank(self) -> int:
+        """r, the LoRA-X rank (size of ``ΔΣ``)."""
         return int(self.dSigma.shape[0])
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype ``ΔΣ`` is stored in."""
         return self.dSigma.dtype
 
 
@@ -188,6 +192,7 @@ class Adapter:
 
     @property
     def dtype(self) -> torch.dtype | None:
+        """The dtype of the stored layers (None for an adapter without layers)."""
         return self.layers[0].dtype if self.layers else None
 
     def summary(self) -> dict:

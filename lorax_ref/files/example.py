@@ -48,6 +48,38 @@ def random_adapter(
     from .cache import BasisCache
 
     cache = cache if cache is not None else BasisCache(None)
+    regex, gen = _checked_options(fmt, pattern, rank, strength, seed, dtype)
+    index = BaseIndex(base)
+    stems = [s for s in index.stems if regex.search(s)]
+    if not stems:
+        raise AdapterError(f"no weight of the base matches {pattern!r}")
+    layers = []
+    for stem in stems:
+        if fmt == LORAX and not rank <= min(index.shape(stem)):
+            m, n = index.shape(stem)
+            raise AdapterError(f"rank {rank} is out of range for weight {stem!r} of shape {m}x{n}: a LoRA-X adapter "
+                               f"needs 1 <= rank <= {min(m, n)}")
+    for stem in stems:
+        if fmt == LORAX:  # the same bases a transfer uses (and caches)
+            _, S, _ = cache.bases(base.sha256, stem, rank, lambda: index.load(stem))  # (rank,)
+            dSigma = strength * S * torch.randn(rank, generator=gen, dtype=torch.float64)  # (rank,)
+            layers.append(LoraxLayer(stem, _cast_output(dSigma, dtype, f"{stem}: ΔΣ", _SMALLER)))
+        else:
+            layers.append(_random_lora(stem, index.load(stem), fmt, rank, strength, gen, dtype))
+    stamp = {"lorax_ref_random": json.dumps({"seed": seed, "strength": strength, "base": base_name,
+                                             "base_sha256": base.sha256})}
+    if fmt == LORAX:
+        return Adapter(LORAX, layers, rank=rank, base_sha256=base.sha256, weights_name="adapter.lorax.safetensors",
+                       metadata=stamp)
+    if fmt == KOHYA:
+        return Adapter(KOHYA, layers, weights_name="lora.safetensors", metadata=stamp)
+    # the config peft writes for such an adapter, naming the base the way transformers loads it
+    config = peft_base_fields(dict(PEFT_LORA_DEFAULTS), base.path)
+    return Adapter(PEFT, layers, config=config, metadata=stamp)
+
+
+def _checked_options(fmt, pattern, rank, strength, seed, dtype) -> tuple[re.Pattern, torch.Generator]:
+    """Every option of :func:`random_adapter` checked; returns the compiled pattern and the seeded generator."""
     if fmt not in (PEFT, KOHYA, LORAX):
         raise AdapterError(f"unknown adapter format {fmt!r}; use peft, kohya or lorax")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
@@ -64,38 +96,17 @@ def random_adapter(
         gen = torch.Generator().manual_seed(seed)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise AdapterError(f"seed {seed!r} is not usable as a torch seed ({one_line(exc)})") from None
-    index = BaseIndex(base)
-    stems = [s for s in index.stems if regex.search(s)]
-    if not stems:
-        raise AdapterError(f"no weight of the base matches {pattern!r}")
-    layers = []
-    for stem in stems:
-        if fmt == LORAX and not rank <= min(index.shape(stem)):
-            m, n = index.shape(stem)
-            raise AdapterError(f"rank {rank} is out of range for weight {stem!r} of shape {m}x{n}: a LoRA-X adapter "
-                               f"needs 1 <= rank <= {min(m, n)}")
-    for stem in stems:
-        if fmt == LORAX:  # the same bases a transfer uses (and caches)
-            _, S, _ = cache.bases(base.sha256, stem, rank, lambda: index.load(stem))  # (rank,)
-            dSigma = strength * S * torch.randn(rank, generator=gen, dtype=torch.float64)  # (rank,)
-            layers.append(LoraxLayer(stem, _cast_output(dSigma, dtype, f"{stem}: ΔΣ", _SMALLER)))
-            continue
-        W = checks.matrix(f"base weight {stem!r}", index.load(stem).to(torch.float64))  # (m, n)
-        m, n = W.shape
-        B = torch.randn(m, rank, generator=gen, dtype=torch.float64)  # (m, k)
-        A = torch.randn(rank, n, generator=gen, dtype=torch.float64) / math.sqrt(n)  # (k, n)
-        alpha = float(rank)  # s = 1
-        B *= strength * float(W.norm()) / float((B @ A).norm())
-        module = stem if fmt == PEFT else "lora_unet_" + stem.replace(".", "_")
-        layers.append(LoraLayer(module, _cast_output(B, dtype, f"{stem}: B", _SMALLER),
-                                _cast_output(A, dtype, f"{stem}: A", _SMALLER), alpha))
-    stamp = {"lorax_ref_random": json.dumps({"seed": seed, "strength": strength, "base": base_name,
-                                             "base_sha256": base.sha256})}
-    if fmt == LORAX:
-        return Adapter(LORAX, layers, rank=rank, base_sha256=base.sha256, weights_name="adapter.lorax.safetensors",
-                       metadata=stamp)
-    if fmt == KOHYA:
-        return Adapter(KOHYA, layers, weights_name="lora.safetensors", metadata=stamp)
-    # the config peft writes for such an adapter, naming the base the way transformers loads it
-    config = peft_base_fields(dict(PEFT_LORA_DEFAULTS), base.path)
-    return Adapter(PEFT, layers, config=config, metadata=stamp)
+    return regex, gen
+
+
+def _random_lora(stem: str, W: torch.Tensor, fmt: str, rank: int, strength: float, gen: torch.Generator,
+                 dtype: torch.dtype) -> LoraLayer:
+    r"""A random LoRA with :math:`s = 1` and :math:`\lVert BA \rVert_F = \text{strength}\cdot\lVert W \rVert_F`."""
+    W = checks.matrix(f"base weight {stem!r}", W.to(torch.float64))  # (m, n)
+    m, n = W.shape
+    B = torch.randn(m, rank, generator=gen, dtype=torch.float64)  # (m, k)
+    A = torch.randn(rank, n, generator=gen, dtype=torch.float64) / math.sqrt(n)  # (k, n)
+    B *= strength * float(W.norm()) / float((B @ A).norm())  # (m, k)
+    module = stem if fmt == PEFT else "lora_unet_" + stem.replace(".", "_")
+    return LoraLayer(module, _cast_output(B, dtype, f"{stem}: B", _SMALLER),
+                     _cast_output(A, dtype, f"{stem}: A", _SMALLER), alpha=float(rank))  # α = k: s = 1

@@ -236,6 +236,7 @@ class LayerRow:
     warnings: tuple = ()  # ill-posed but legal: a zero base weight, rank < r, σ_r = σ_{r+1} (spectrum_warnings)
 
     def as_dict(self) -> dict:
+        """The row as JSON-able values (NaN and Inf become None)."""
         from dataclasses import asdict
 
         d = dict(asdict(self), warnings=list(self.warnings))
@@ -244,11 +245,14 @@ class LayerRow:
 
 @dataclass
 class TransferResult:
+    """What :func:`transfer_adapter` returns: the adapter to write, one report row per layer, the run's settings."""
+
     adapter: Adapter
     rows: list[LayerRow]
     info: dict
 
     def report(self) -> dict:
+        """The JSON report written as ``lorax_report.json``: settings, a summary and every layer's row."""
         rows = [row.as_dict() for row in self.rows]
         kept = [r for r in self.rows if not r.gated]
         energies = [r.kept_energy for r in kept if r.kept_energy is not None and math.isfinite(r.kept_energy)]
