@@ -50,6 +50,7 @@ import torch
 
 from lorax_ref import fast, lorax_delta, svd_topk, transfer_same_dim
 from lorax_ref.files.checkpoints import open_checkpoint
+from lorax_ref.files.stream import _trim_heap, stream_transfer
 
 # ----------------------------------------------------------------------------------------------------------
 # Layer inventories (diffusers names; weight layout (out, in))
@@ -128,7 +129,7 @@ def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    fast.stream._trim_heap()
+    _trim_heap()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -523,7 +524,7 @@ def stream_child(src: str, tgt: str, r: int, args) -> None:
         max_bound, methods, n = 0.0, {}, 0
         spot_names = {names[0], names[len(names) // 2]}
         spot = {}
-        for nm, ts, bound, how in fast.stream_transfer(ck_s, ck_t, adapter, r, method=args.method):
+        for nm, ts, bound, how in stream_transfer(ck_s, ck_t, adapter, r, method=args.method):
             max_bound = max(max_bound, bound)
             methods[how] = methods.get(how, 0) + 1
             n += 1

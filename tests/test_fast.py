@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lorax_ref import LoraxInputError, fast
+from lorax_ref.files.stream import stream_transfer
 
 TOL = 1e-6
 
@@ -237,12 +238,12 @@ def test_stream_transfer_between_checkpoints(tmp_path):
     save_file(src, str(tmp_path / "s.safetensors"))
     save_file(tgt, str(tmp_path / "t.safetensors"))
     seen = []
-    for nm, ts, bound, how in fast.stream_transfer(tmp_path / "s.safetensors", tmp_path / "t.safetensors",
+    for nm, ts, bound, how in stream_transfer(tmp_path / "s.safetensors", tmp_path / "t.safetensors",
                                                    adapter, r, group=2):
         assert ts.shape == (r, r) and bound <= TOL
         seen.append(nm)
     assert seen == names
-    dense = {nm: out for nm, out, _, _ in fast.stream_transfer(tmp_path / "s.safetensors", tmp_path / "t.safetensors",
+    dense = {nm: out for nm, out, _, _ in stream_transfer(tmp_path / "s.safetensors", tmp_path / "t.safetensors",
                                                                adapter, r, dense=True)}
     for nm in names:
         assert rel_err(dense[nm], oracle(src[nm], tgt[nm], adapter[nm], r)) <= TOL

@@ -40,7 +40,7 @@ from ..core import (
 )
 from .bbc import load_bbc, stratified_indices
 from ..errors import LoraxInputError
-from ..files.checkpoints import natural_key
+from ..files.reader import natural_key
 from ..linalg import svd_topk
 from .minilm import (
     PROJECTIONS,

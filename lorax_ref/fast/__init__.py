@@ -68,7 +68,6 @@ m×r×n product for the dense matrix.
 from .certificate import Bases, Certificate, ritz_certificate
 from .pair import LayerPair, pair_bases, pair_bases_group, transfer_fast
 from .solver import BASIS_METHODS, TOL, default_oversample, top_r_bases, top_r_bases_group
-from .stream import stream_transfer
 from .synthetic import MINILM_PROFILE, haar_basis, synthetic_layer, synthetic_pair, synthetic_spectrum
 
 __all__ = [
@@ -83,7 +82,6 @@ __all__ = [
     "pair_bases",
     "pair_bases_group",
     "ritz_certificate",
-    "stream_transfer",
     "synthetic_layer",
     "synthetic_pair",
     "synthetic_spectrum",

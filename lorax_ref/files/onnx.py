@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import Checkpoint, CheckpointError, natural_key
+from .reader import Checkpoint, CheckpointError, natural_key
 
 # ----------------------------------------------------------------------------------------------------------
 # ONNX

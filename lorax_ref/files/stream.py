@@ -1,12 +1,13 @@
-r"""Transfer a LoRA-X adapter between two checkpoint files, a few weights in memory at a time."""
+r"""Transfer a LoRA-X adapter between two checkpoint files with the certified fast path (:mod:`lorax_ref.fast`),
+a few weights in memory at a time."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from .pair import pair_bases_group, transfer_fast
-from .solver import TOL
+from ..fast.pair import pair_bases_group, transfer_fast
+from ..fast.solver import TOL
 
 # ---------------------------------------------------------------------------------------------------
 # Streaming over checkpoints
@@ -56,7 +57,7 @@ def stream_transfer(
 
 def _open(spec):
     """A path or packaged alias → a checkpoint; ``.safetensors`` files are read without a memory map."""
-    from ..files.checkpoints import open_checkpoint
+    from .checkpoints import open_checkpoint
 
     return open_checkpoint(spec, stream=True)
 
