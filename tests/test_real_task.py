@@ -4,6 +4,7 @@ The expensive reproduction (retraining every adapter) is slow-marked.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -46,7 +47,10 @@ def test_bbc_articles_fixed_order_and_counts():
     assert arts[0].title == "Ad sales boost Time Warner profit"
     assert "£15.8m" in next(a for a in arts if a.file == "sports/199.txt").body  # the one Latin-1 file
     # fingerprint of texts and order: changes if the registry package ever changes
-    assert data_bbc.corpus_sha256(arts) == "dd0931a2020dc2a46fec3807acb808c78c2095fac352b2ebd29d123a3167ae24"
+    h = hashlib.sha256()
+    for a in arts:
+        h.update(f"{a.file}\0{a.title}\0{a.body}\0".encode())
+    assert h.hexdigest() == "dd0931a2020dc2a46fec3807acb808c78c2095fac352b2ebd29d123a3167ae24"
 
 
 def test_splits_are_disjoint_and_stratified():
@@ -59,8 +63,6 @@ def test_splits_are_disjoint_and_stratified():
     assert all(np.array_equal(parts[k], again[k]) for k in parts)
     with pytest.raises(LoraxInputError, match="fewer"):
         data_bbc.stratified_indices(labels, {"x": 6}, seed=0)
-    s = data_bbc.split_indices(10, {"a": 3, "b": 2}, 0)
-    assert len(np.intersect1d(s["a"], s["b"])) == 0 and (len(s["a"]), len(s["b"])) == (3, 2)
 
 
 # ------------------------------------------------------------------------------------------- metric, loss

@@ -10,7 +10,6 @@ Each file is ``title\\n\\nbody``; one file (``sport/199.txt``) is Latin-1 (a ``Â
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -76,26 +75,6 @@ def load_bbc() -> list[Article]:
             raise LoraxInputError(f"unexpected BBC topic folder {topic!r} in {DIST}")
         title, _, body = _decode(path.read_bytes()).strip().partition("\n")
         out.append(Article(topic, name, title.strip(), " ".join(body.split())))
-    return out
-
-
-def corpus_sha256(articles: list[Article]) -> str:
-    """A fingerprint of the texts and their order (to detect a changed package)."""
-    h = hashlib.sha256()
-    for a in articles:
-        h.update(f"{a.file}\0{a.title}\0{a.body}\0".encode())
-    return h.hexdigest()
-
-
-def split_indices(n: int, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
-    """Disjoint random subsets of range(n) with the given sizes (numpy PCG64: same on every platform)."""
-    if sum(sizes.values()) > n:
-        raise LoraxInputError(f"split sizes {sizes} add up to more than the {n} items")
-    perm = np.random.Generator(np.random.PCG64(seed)).permutation(n)
-    out, start = {}, 0
-    for name, size in sizes.items():
-        out[name] = np.sort(perm[start:start + size])
-        start += size
     return out
 
 
