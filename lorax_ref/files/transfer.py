@@ -1,4 +1,5 @@
-r"""The one adapter-transfer pipeline: every layer of an adapter file from a source checkpoint to a target checkpoint.
+r"""The adapter-file transfer pipeline: every layer of a PEFT, kohya or LoRA-X file from a source checkpoint
+to a target checkpoint (the fast path's streamed transfer of bare LoRA-X ΔΣ tensors is :mod:`lorax_ref.files.stream`).
 
 How a transferred layer is written (all math by :mod:`lorax_ref.core`; only re-factorisation here):
 
