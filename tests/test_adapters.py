@@ -22,7 +22,8 @@ from lorax_ref.files.output import write_output_dir
 from lorax_ref.files.transfer import transfer_adapter
 from lorax_ref.core import transfer_layer_from_bases
 from lorax_ref.files.cache import BasisCache
-from lorax_ref.files.checkpoints import files_sha256, open_checkpoint
+from lorax_ref.files.checkpoints import open_checkpoint
+from lorax_ref.testing.checksums import files_sha256
 
 # ---------------------------------------------------------------------------------------------------------
 # builders

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lorax_ref import svd_topk, transfer_layer
-from lorax_ref.files.checkpoints import files_sha256
+from lorax_ref.testing.checksums import files_sha256
 from lorax_ref.cli import main
 
 R = 4  # LoRA-X rank used throughout

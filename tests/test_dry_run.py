@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorax_ref import predict
-from lorax_ref.files.checkpoints import files_sha256
+from lorax_ref.testing.checksums import files_sha256
 from lorax_ref.cli import main
 
 R = 4  # rank of the bases on the small checkpoints

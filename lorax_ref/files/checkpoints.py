@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from .reader import Checkpoint, CheckpointError, file_sha256, files_sha256, one_line
+from .reader import Checkpoint, CheckpointError, file_sha256, one_line
 
 __all__ = [
     "PACKAGED_MODELS",
@@ -54,7 +54,6 @@ __all__ = [
     "PickleCheckpoint",
     "StreamingSafetensorsCheckpoint",
     "file_sha256",
-    "files_sha256",
     "one_line",
     "open_checkpoint",
     "packaged_file",

@@ -1,4 +1,4 @@
-"""The interface every checkpoint reader implements (:class:`Checkpoint`), and the file checksums they share.
+"""The interface every checkpoint reader implements (:class:`Checkpoint`), and the file checksum it records.
 
 The readers themselves and :func:`~lorax_ref.files.checkpoints.open_checkpoint` are in
 :mod:`lorax_ref.files.checkpoints` (safetensors, pickle) and :mod:`lorax_ref.files.onnx`.
@@ -16,7 +16,7 @@ import torch
 
 from ..errors import LoraxInputError
 
-__all__ = ["Checkpoint", "CheckpointError", "file_sha256", "files_sha256", "natural_key", "one_line"]
+__all__ = ["Checkpoint", "CheckpointError", "file_sha256", "hash_bytes", "natural_key", "one_line"]
 
 
 class CheckpointError(LoraxInputError):
@@ -31,7 +31,7 @@ class CheckpointError(LoraxInputError):
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
-def _hash_bytes(path: Path) -> str:
+def hash_bytes(path: str | os.PathLike) -> str:
     """sha256 of the file's bytes (hex), read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -46,15 +46,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     st = path.stat()
     key = (str(path), st.st_mtime_ns, st.st_size)
     if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = _hash_bytes(path)
+        _SHA_CACHE[key] = hash_bytes(path)
     return _SHA_CACHE[key]
-
-
-def files_sha256(path: str | os.PathLike) -> dict[str, str]:
-    """sha256 of every file under ``path`` (or of ``path`` itself), never cached: proves inputs were not modified."""
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return {str(p.relative_to(path) if path.is_dir() else p.name): _hash_bytes(p) for p in files}
 
 
 # ----------------------------------------------------------------------------------------------------------
