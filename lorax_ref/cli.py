@@ -83,6 +83,7 @@ recommended gate: --threshold 0.8 --side both (min of Φ_U and Φ_V).
 
 
 def add_transfer_parser(subparsers) -> argparse.ArgumentParser:
+    """The ``transfer`` subcommand and its options (``--dry-run`` included)."""
     p = subparsers.add_parser("transfer", help="transfer an adapter to another base model",
                               description=TRANSFER_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source-base", required=True, metavar="S",
@@ -122,7 +123,7 @@ def add_transfer_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow pickled checkpoints/adapters, loaded with torch.load(weights_only=True)")
     p.add_argument("--cache-dir", metavar="D", default=None,
-                   help="basis cache directory (default: $LORAX_CACHE_DIR or ~/.cache/lorax_ref/bases)")
+                   help="basis cache directory (default: $LORAX_CACHE_DIR/bases or ~/.cache/lorax_ref/bases)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write cached bases")
     p.add_argument("--fast", action="store_true",
                    help="compute bases with the certified fast path (lorax_ref.fast: within 5e-7 of the reference "
@@ -147,14 +148,15 @@ def _methods(cache) -> str:
 def _cache(args, inputs: list[Path], out: Path | None, read_only: bool = False):
     """The basis cache; refused inside an input (it would write subfolders into it) or inside ``out``.
     ``read_only`` (the dry run): entries are read, never written."""
-    from .adapters import AdapterError, check_not_an_input
-    from .cache import BasisCache, default_cache_dir
+    from .files.adapters import AdapterError
+    from .files.output import check_not_an_input
+    from .files.cache import BasisCache, default_cache_dir
 
     fast = bool(getattr(args, "fast", False))
     if args.no_cache:
         return BasisCache(None, enabled=False, fast=fast)
     root = Path(args.cache_dir or default_cache_dir()).expanduser()
-    what = "--cache-dir" if args.cache_dir else "the basis cache directory ($LORAX_CACHE_DIR or the default)"
+    what = "--cache-dir" if args.cache_dir else "the basis cache directory ($LORAX_CACHE_DIR/bases or the default)"
     if read_only:
         return BasisCache(root, fast=fast, read_only=True)
     check_not_an_input(root, inputs, what=what, holds_inputs_ok=True)
@@ -167,8 +169,8 @@ def _cache(args, inputs: list[Path], out: Path | None, read_only: bool = False):
 def _inputs(adapter: str | None = None, bases: tuple = (), files: tuple = ()) -> list[Path]:
     """Every input path, however it was named: a packaged alias is its installed model directory (weights and
     config), a PEFT adapter named by one of its files is its directory. Nothing may write over or into them."""
-    from .adapters import adapter_location
-    from .checkpoints import PACKAGED_MODELS, packaged_file
+    from .files.adapters import adapter_location
+    from .files.checkpoints import PACKAGED_MODELS, packaged_file
     from .errors import LoraxInputError
 
     paths = [adapter_location(adapter)] if adapter is not None else []
@@ -189,7 +191,7 @@ LAYER_MAP_MAX_BYTES = 64 << 20  # far above any real layer map (one short line p
 
 def _read_layer_map(spec: str) -> dict[str, str]:
     """--layer-map: a JSON object {source weight name: target weight name}, from a regular file."""
-    from .adapters import AdapterError
+    from .files.adapters import AdapterError
 
     path = Path(spec)
     if not path.is_file():  # never read /dev/zero or a FIFO: it may not end
@@ -217,8 +219,11 @@ def _device(args):
 
 
 def cmd_transfer(args) -> int:
-    from .adapters import (REPORT_JSON, REPORT_TXT, AdapterError, check_not_an_input, load_adapter, open_base,
-                           save_adapter, transfer_adapter, write_output_dir)
+    """``transfer``: load, transfer, write the output directory atomically; returns the exit code."""
+    from .files.adapters import REPORT_JSON, REPORT_TXT, AdapterError, load_adapter, save_adapter
+    from .files.output import check_not_an_input, write_output_dir
+    from .files.transfer import transfer_adapter
+    from .files.checkpoints import open_checkpoint
 
     if args.dry_run:
         return cmd_dry_run(args)
@@ -238,7 +243,8 @@ def cmd_transfer(args) -> int:
     cache = _cache(args, inputs, out)
 
     adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle)
-    with open_base(args.source_base, args.allow_pickle) as source, open_base(args.target_base, args.allow_pickle) as target:
+    with open_checkpoint(args.source_base, allow_pickle=args.allow_pickle) as source, \
+            open_checkpoint(args.target_base, allow_pickle=args.allow_pickle) as target:
         result = transfer_adapter(
             adapter, source, target, r=args.rank, threshold=args.threshold, side=args.side, method=args.method,
             out_format=args.out_format, layer_map=layer_map, cache=cache, ignore_base_hash=args.ignore_base_hash,
@@ -267,7 +273,9 @@ def cmd_dry_run(args) -> int:
 
     The checks of a real run come first (the options, the layers, and --out / --force when --out is given),
     so that a dry run that passes means the transfer's checks pass too."""
-    from .adapters import AdapterError, check_not_an_input, load_adapter, open_base
+    from .files.adapters import AdapterError, load_adapter
+    from .files.output import check_not_an_input
+    from .files.checkpoints import open_checkpoint
     from .predict import predict_transfer
 
     if args.modules is not None and args.adapter is not None:
@@ -281,7 +289,8 @@ def cmd_dry_run(args) -> int:
     layer_map = _read_layer_map(args.layer_map) if args.layer_map else None
     cache = _cache(args, inputs, None, read_only=True)
     adapter = load_adapter(args.adapter, allow_pickle=args.allow_pickle) if args.adapter is not None else None
-    with open_base(args.source_base, args.allow_pickle) as source, open_base(args.target_base, args.allow_pickle) as target:
+    with open_checkpoint(args.source_base, allow_pickle=args.allow_pickle) as source, \
+            open_checkpoint(args.target_base, allow_pickle=args.allow_pickle) as target:
         prediction = predict_transfer(
             adapter, source, target, r=args.rank, threshold=args.threshold, side=args.side, method=args.method,
             out_format=args.out_format, layer_map=layer_map, modules=args.modules, cache=cache,
@@ -304,6 +313,7 @@ def cmd_dry_run(args) -> int:
 
 
 def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
+    """The ``inspect`` subcommand: describe an adapter file or a checkpoint."""
     p = subparsers.add_parser("inspect", help="summarise an adapter or a checkpoint",
                               description="Summarise an adapter (PEFT directory, kohya or LoRA-X .safetensors) or a "
                                           "base checkpoint (alias, .safetensors, .onnx): format, layers, ranks, "
@@ -319,7 +329,7 @@ def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
 
 def _is_adapter(path: Path) -> bool:
     """True for a PEFT directory or a safetensors file that is not a plain checkpoint."""
-    from .adapters import LORAX_FORMAT, PEFT_CONFIG
+    from .files.adapters import LORAX_FORMAT, PEFT_CONFIG
 
     if path.is_dir() or path.name == PEFT_CONFIG:
         return True
@@ -338,14 +348,16 @@ def _is_adapter(path: Path) -> bool:
 
 
 def cmd_inspect(args) -> int:
-    from .adapters import load_adapter, open_base
+    """``inspect``: print an adapter's or a checkpoint's summary (JSON with ``--json``); returns the exit code."""
+    from .files.adapters import load_adapter
+    from .files.checkpoints import open_checkpoint
 
     path = Path(args.file)
     if path.exists() and _is_adapter(path):
         info = load_adapter(path, allow_pickle=args.allow_pickle).summary()
         info["kind"] = "adapter"
     else:
-        with open_base(args.file, args.allow_pickle) as ck:
+        with open_checkpoint(args.file, allow_pickle=args.allow_pickle) as ck:
             keys = ck.keys()
             shapes = {k: tuple(ck.shape(k)) for k in keys}
             info = {
@@ -381,6 +393,7 @@ def cmd_inspect(args) -> int:
 
 
 def add_random_parser(subparsers) -> argparse.ArgumentParser:
+    """The ``random-adapter`` subcommand: a seeded random adapter for a base checkpoint."""
     p = subparsers.add_parser(
         "random-adapter", help="write a seeded random adapter for a checkpoint (examples, tests)",
         description="Write a reproducible random adapter for the weights of BASE matching --modules: a plain LoRA "
@@ -404,16 +417,20 @@ def add_random_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_random(args) -> int:
+    """``random-adapter``: write a seeded random adapter; returns the exit code."""
     import torch
 
-    from .adapters import AdapterError, check_not_an_input, open_base, random_adapter, save_adapter, write_output_dir
+    from .files.checkpoints import open_checkpoint
+    from .files.adapters import AdapterError, save_adapter
+    from .files.example import random_adapter
+    from .files.output import check_not_an_input, write_output_dir
 
     inputs = _inputs(bases=(args.base,))
     check_not_an_input(args.out, inputs)
     if Path(args.out).exists() and not args.force:
         raise AdapterError(f"output {args.out} already exists; pass --force to replace it")
     cache = _cache(args, inputs, Path(args.out))
-    with open_base(args.base) as ck:
+    with open_checkpoint(args.base) as ck:
         adapter = random_adapter(ck, args.format, args.modules, rank=args.rank, strength=args.strength,
                                  seed=args.seed, dtype=getattr(torch, args.dtype), base_name=args.base,
                                  cache=cache)
@@ -440,6 +457,7 @@ SUBCOMMANDS: list[Callable] = [add_transfer_parser, add_inspect_parser, add_rand
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m lorax_ref`` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog=PROG, description="LoRA-X reference: transfer adapters between base models, inspect files.")
     from . import __version__

@@ -40,7 +40,8 @@ import torch
 from tqdm import tqdm
 
 from . import checks
-from .adapters import AdapterError, BaseIndex, LoraLayer, _plan_layer, transfer_settings
+from .files.adapters import AdapterError, LoraLayer
+from .files.transfer import BaseIndex, _plan_layer, transfer_settings
 from .core import _gate_phi, subspace_similarity
 from .errors import LoraxInputError
 from .linalg import spectrum_warnings
@@ -291,7 +292,7 @@ def predict_transfer(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> "Prediction":
-    r"""What :func:`lorax_ref.adapters.transfer_adapter` would do, computed but not done (nothing is written).
+    r"""What :func:`lorax_ref.files.transfer.transfer_adapter` would do, computed but not done (nothing is written).
 
     With an ``adapter``: the same checks and the same gate decisions as the transfer, and the exact kept energy
     of each layer, :math:`\lVert U_t^\top\Delta W_s V_t\rVert^2/\lVert\Delta W_s\rVert^2` (Eq. (3)) or
@@ -300,8 +301,8 @@ def predict_transfer(
     that the target has, and the expectation for a random LoRA-X update (:func:`expected_kept_energy`).
     ``cache`` is only read from when it is ``read_only`` (the command line's dry run).
     """
-    from .adapters import LORAX
-    from .cache import BasisCache
+    from .files.adapters import LORAX
+    from .files.cache import BasisCache
 
     cache = cache if cache is not None else BasisCache(None)
     r, threshold, _, layer_map, device = transfer_settings(

@@ -9,7 +9,7 @@ kernel that ``pytest --nbval`` starts gets, instead:
   (``MKL_ENABLE_INSTRUCTIONS=SSE4_2``; in the second set also its compatible path, ``MKL_CBWR=COMPATIBLE``,
   except in the two real-encoder notebooks, ``NO_CBWR``),
   and one BLAS thread;
-* an empty ``LORAX_CACHE``: regenerable artefacts (the fine-tuned model) are rebuilt in this run,
+* an empty ``LORAX_CACHE_DIR``: regenerable artefacts (the fine-tuned model) are rebuilt in this run,
   so no output depends on what an earlier run left behind.
 
 A notebook that prints more digits than its computation fixes fails here, on the machine of the author,
@@ -47,7 +47,7 @@ def _kernel_env(tmp: Path, numerics: str) -> dict[str, str]:
     startup.mkdir(parents=True)
     (startup / "00-lorax-perturb.py").write_text(STARTUP)
     (tmp / "cache").mkdir()
-    return {**NUMERICS[numerics], **ONE_THREAD, "IPYTHONDIR": str(ipython), "LORAX_CACHE": str(tmp / "cache")}
+    return {**NUMERICS[numerics], **ONE_THREAD, "IPYTHONDIR": str(ipython), "LORAX_CACHE_DIR": str(tmp / "cache")}
 
 
 _SESSION_ENV: dict[str, str] = {}
@@ -88,5 +88,5 @@ def pytest_runtest_setup(item):
 def pytest_report_header(config):
     if not _SESSION_ENV:
         return "notebooks: native numerics (LORAX_NBVAL_NUMERICS=native)"
-    knobs = " ".join(f"{k}={v}" for k, v in _SESSION_ENV.items() if k not in ("IPYTHONDIR", "LORAX_CACHE"))
-    return f"notebooks: kernels run with other numerics: {knobs}, an empty LORAX_CACHE"
+    knobs = " ".join(f"{k}={v}" for k, v in _SESSION_ENV.items() if k not in ("IPYTHONDIR", "LORAX_CACHE_DIR"))
+    return f"notebooks: kernels run with other numerics: {knobs}, an empty LORAX_CACHE_DIR"

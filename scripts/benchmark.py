@@ -49,6 +49,8 @@ from pathlib import Path
 import torch
 
 from lorax_ref import fast, lorax_delta, svd_topk, transfer_same_dim
+from lorax_ref.files.checkpoints import open_checkpoint
+from lorax_ref.files.stream import _trim_heap, stream_transfer
 
 # ----------------------------------------------------------------------------------------------------------
 # Layer inventories (diffusers names; weight layout (out, in))
@@ -127,7 +129,7 @@ def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    fast._trim_heap()
+    _trim_heap()
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -475,7 +477,7 @@ def stream_test(args, gen) -> dict:
 
     spot, spot_dev = load_file(str(spot_file)), 0.0
     gen_child = torch.Generator().manual_seed(args.seed)  # the child's adapter, regenerated
-    with fast.SafetensorsReader(src) as ck_s, fast.SafetensorsReader(tgt) as ck_t:
+    with open_checkpoint(src, stream=True) as ck_s, open_checkpoint(tgt, stream=True) as ck_t:
         names = [nm for nm in ck_s.keys() if min(ck_s.shape(nm)) >= args.stream_r]
         adapter = {nm: torch.randn(args.stream_r, generator=gen_child, dtype=torch.float64) for nm in names}
         for nm, ts in spot.items():
@@ -516,13 +518,13 @@ def stream_child(src: str, tgt: str, r: int, args) -> None:
 
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    with fast.SafetensorsReader(src) as ck_s, fast.SafetensorsReader(tgt) as ck_t:
+    with open_checkpoint(src, stream=True) as ck_s, open_checkpoint(tgt, stream=True) as ck_t:
         names = [nm for nm in ck_s.keys() if min(ck_s.shape(nm)) >= r]
         adapter = {nm: torch.randn(r, generator=gen, dtype=torch.float64) for nm in names}
         max_bound, methods, n = 0.0, {}, 0
         spot_names = {names[0], names[len(names) // 2]}
         spot = {}
-        for nm, ts, bound, how in fast.stream_transfer(ck_s, ck_t, adapter, r, method=args.method):
+        for nm, ts, bound, how in stream_transfer(ck_s, ck_t, adapter, r, method=args.method):
             max_bound = max(max_bound, bound)
             methods[how] = methods.get(how, 0) + 1
             n += 1
@@ -572,7 +574,7 @@ def main(argv=None) -> int:
                     help="time at most N layers per shape group (small machines); 'sdxl=8' limits one model only")
     ap.add_argument("--chunk", type=int, default=4, help="same-shaped layers batched together by the fast path (CPU)")
     ap.add_argument("--gpu-chunk", type=int, default=16, help="same, on CUDA")
-    ap.add_argument("--method", default="auto", choices=fast.METHODS)
+    ap.add_argument("--method", default="auto", choices=fast.BASIS_METHODS)
     ap.add_argument("--device", default="all", help="cpu, cuda, or 'all' (cpu, then cuda when present)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads; use 1 on a shared machine: multi-threaded LAPACK slows down "
@@ -616,7 +618,7 @@ def main(argv=None) -> int:
         run = {"models": [], "conditions": conditions(device)}
         print(f"device {device} ({run['conditions']['processor'] if device.type == 'cpu' else run['conditions'].get('cuda_device')}), "
               f"{torch.get_num_threads()} threads, load {loadavg()}", flush=True)
-        with fast._no_tf32():
+        with fast.solver._no_tf32():
             for name in args.models:
                 for r in args.ranks:
                     run["models"].append(run_model(name, r, args, device, gen))

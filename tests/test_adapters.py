@@ -16,19 +16,14 @@ import torch
 from safetensors.torch import save_file
 
 from lorax_ref import LoraxInputError, svd_topk, transfer_layer
-from lorax_ref.adapters import (
-    AdapterError,
-    LoraLayer,
-    files_sha256,
-    load_adapter,
-    open_base,
-    random_adapter,
-    save_adapter,
-    transfer_adapter,
-    write_output_dir,
-)
+from lorax_ref.files.adapters import AdapterError, LoraLayer, load_adapter, save_adapter
+from lorax_ref.files.example import random_adapter
+from lorax_ref.files.output import write_output_dir
+from lorax_ref.files.transfer import transfer_adapter
 from lorax_ref.core import transfer_layer_from_bases
-from lorax_ref.cache import BasisCache
+from lorax_ref.files.cache import BasisCache
+from lorax_ref.files.checkpoints import open_checkpoint
+from lorax_ref.testing.checksums import files_sha256
 
 # ---------------------------------------------------------------------------------------------------------
 # builders
@@ -254,7 +249,7 @@ def test_pickle_only_when_allowed(tmp_path):
 def test_write_read_round_trip_all_formats(tmp_path, dtype):
     W = {"l.0.q": spectral(6, 5, 0), "l.0.v": spectral(6, 5, 1)}
     ck_path = write_ckpt(tmp_path / "base.safetensors", W)
-    with open_base(str(ck_path)) as ck:
+    with open_checkpoint(str(ck_path)) as ck:
         for fmt in ("peft", "kohya", "lorax"):
             ad = random_adapter(ck, fmt, r"\.(q|v)$", rank=3, seed=1, dtype=dtype)
             out = write_output_dir(tmp_path / fmt, lambda tmp: save_adapter(ad, tmp))
@@ -316,7 +311,7 @@ def test_identical_base_round_trip_peft_and_kohya(tmp_path):
     """PEFT/kohya → transfer onto the identical base → the same ΔW (r = min(m, n): the projectors are I)."""
     W = {"l.0.q": spectral(8, 8, 0), "l.0.v": spectral(8, 8, 1), "l.1.proj_in": spectral(8, 8, 2)}
     ck_path = write_ckpt(tmp_path / "base.safetensors", W)
-    with open_base(str(ck_path)) as ck:
+    with open_checkpoint(str(ck_path)) as ck:
         for fmt in ("peft", "kohya"):
             ad = random_adapter(ck, fmt, r".", rank=3, seed=4)
             res = transfer_adapter(ad, ck, ck, r=8)
@@ -334,8 +329,8 @@ def test_identical_base_round_trip_in_subspace_lora_and_lorax(tmp_path):
     g = np.random.default_rng(0)
     B = torch.from_numpy(U @ g.standard_normal((4, 2)))
     A = torch.from_numpy(g.standard_normal((2, 4)) @ V.T)
-    with open_base(str(ck_path)) as ck:
-        from lorax_ref.adapters import Adapter, LoraxLayer
+    with open_checkpoint(str(ck_path)) as ck:
+        from lorax_ref.files.adapters import Adapter, LoraxLayer
 
         ad = Adapter("peft", [LoraLayer("m", B, A, alpha=2.0)])
         (out,) = transfer_adapter(ad, ck, ck, r=4).adapter.layers
@@ -353,7 +348,7 @@ def test_transfer_matches_reference_per_layer(tmp_path, method):
     s_path = write_ckpt(tmp_path / "s.safetensors", src, torch.float64)
     t_path = write_ckpt(tmp_path / "t.safetensors", tgt, torch.float64)
     r = 3
-    with open_base(str(s_path)) as cs, open_base(str(t_path)) as ct:
+    with open_checkpoint(str(s_path)) as cs, open_checkpoint(str(t_path)) as ct:
         ad = random_adapter(cs, "peft", r".", rank=5, seed=2, dtype=torch.float64)  # r < k: copy pads
         res = transfer_adapter(ad, cs, ct, r=r, method=method)
         for layer, out, row in zip(ad.layers, res.adapter.layers, res.rows):
@@ -372,7 +367,7 @@ def test_fp16_adapter_keeps_dtype_and_contiguity(tmp_path):
     src = {"m": spectral(8, 6, 0)}
     s_path = write_ckpt(tmp_path / "s.safetensors", src)
     t_path = write_ckpt(tmp_path / "t.safetensors", {"m": perturbed(src["m"], 0.2, 1)})
-    with open_base(str(s_path)) as cs, open_base(str(t_path)) as ct:
+    with open_checkpoint(str(s_path)) as cs, open_checkpoint(str(t_path)) as ct:
         ad = random_adapter(cs, "kohya", r".", rank=2, seed=0, dtype=torch.float16)
         (out,) = transfer_adapter(ad, cs, ct, r=3).adapter.layers
     assert out.A.dtype == torch.float16 and out.B.dtype == torch.float16
@@ -385,10 +380,10 @@ def test_fan_in_fan_out_transfer_uses_stored_orientation(tmp_path):
     s_path = write_ckpt(tmp_path / "s.safetensors", {"h.c_attn": W_s}, torch.float64)
     t_path = write_ckpt(tmp_path / "t.safetensors", {"h.c_attn": W_t}, torch.float64)
     B, A = lora_factors(9, 5, 2, 3, torch.float64)  # nn.Linear sense: B (out, k), A (k, in)
-    from lorax_ref.adapters import Adapter
+    from lorax_ref.files.adapters import Adapter
 
     ad = Adapter("peft", [LoraLayer("h.c_attn", B, A, alpha=2.0, fan_in_fan_out=True)], config={"fan_in_fan_out": True})
-    with open_base(str(s_path)) as cs, open_base(str(t_path)) as ct:
+    with open_checkpoint(str(s_path)) as cs, open_checkpoint(str(t_path)) as ct:
         (out,) = transfer_adapter(ad, cs, ct, r=3).adapter.layers
     ref, _ = transfer_layer(torch.from_numpy(np_delta(B, A, 1.0, transpose=True)), W_s, W_t, 3)
     np.testing.assert_allclose(out.delta().numpy(), ref.numpy(), atol=1e-12)
@@ -397,10 +392,10 @@ def test_fan_in_fan_out_transfer_uses_stored_orientation(tmp_path):
 
 def test_shape_mismatch_between_adapter_and_base(tmp_path):
     s_path = write_ckpt(tmp_path / "s.safetensors", {"m": spectral(8, 6, 0)})
-    from lorax_ref.adapters import Adapter
+    from lorax_ref.files.adapters import Adapter
 
     ad = Adapter("peft", [LoraLayer("m", *lora_factors(6, 8, 2, 0), alpha=2.0)])
-    with open_base(str(s_path)) as cs:
+    with open_checkpoint(str(s_path)) as cs:
         with pytest.raises(AdapterError, match="shape mismatch.*transposed"):
             transfer_adapter(ad, cs, cs, r=2)
 
@@ -408,7 +403,7 @@ def test_shape_mismatch_between_adapter_and_base(tmp_path):
 def test_lorax_refuses_other_base_unless_asked(tmp_path):
     s_path = write_ckpt(tmp_path / "s.safetensors", {"m": spectral(8, 6, 0)})
     o_path = write_ckpt(tmp_path / "o.safetensors", {"m": spectral(8, 6, 9)})
-    with open_base(str(s_path)) as cs, open_base(str(o_path)) as co:
+    with open_checkpoint(str(s_path)) as cs, open_checkpoint(str(o_path)) as co:
         ad = random_adapter(cs, "lorax", r".", rank=3)
         with pytest.raises(AdapterError, match="sha256"):
             transfer_adapter(ad, co, cs)
@@ -426,7 +421,7 @@ def test_cache_hits_give_identical_results_and_corruption_is_not_trusted(tmp_pat
     src = {"l.0.q": spectral(10, 8, 0), "l.0.v": spectral(10, 8, 1)}
     s_path = write_ckpt(tmp_path / "s.safetensors", src)
     t_path = write_ckpt(tmp_path / "t.safetensors", {k: perturbed(v, 0.3, 2) for k, v in src.items()})
-    with open_base(str(s_path)) as cs, open_base(str(t_path)) as ct:
+    with open_checkpoint(str(s_path)) as cs, open_checkpoint(str(t_path)) as ct:
         ad = random_adapter(cs, "peft", r".", rank=2)
         first = BasisCache(tmp_path / "cache")
         res1 = transfer_adapter(ad, cs, ct, r=4, cache=first)
@@ -466,7 +461,7 @@ def test_peft_output_names_a_base_transformers_can_load(tmp_path):
     hf = write_ckpt(model_dir / "model.safetensors", W)
     (model_dir / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
     bare = write_ckpt(tmp_path / "weights.safetensors", W)
-    with open_base(str(bare)) as ck_bare, open_base(str(hf)) as ck_hf:
+    with open_checkpoint(str(bare)) as ck_bare, open_checkpoint(str(hf)) as ck_hf:
         ad = random_adapter(ck_bare, "peft", ".", rank=2)
         assert ad.config["base_model_name_or_path"] is None and ad.config["auto_mapping"] is None
         assert random_adapter(ck_hf, "peft", ".", rank=2).config["base_model_name_or_path"] == str(model_dir.resolve())
@@ -480,7 +475,7 @@ def test_peft_output_names_a_base_transformers_can_load(tmp_path):
         assert cfg["task_type"] == "FEATURE_EXTRACTION" and cfg["auto_mapping"] is None
         assert transfer_adapter(ad, ck_hf, ck_bare, r=4).adapter.config["base_model_name_or_path"] is None
     (model_dir / "config.json").write_text("{not json")  # transformers could not load it either
-    with open_base(str(bare)) as ck_bare, open_base(str(hf)) as ck_hf:
+    with open_checkpoint(str(bare)) as ck_bare, open_checkpoint(str(hf)) as ck_hf:
         assert transfer_adapter(ad, ck_bare, ck_hf, r=4).adapter.config["base_model_name_or_path"] is None
 
 
@@ -491,7 +486,7 @@ def test_transfer_on_cuda_matches_cpu(tmp_path):
     tgt = {"l.0.q": perturbed(src["l.0.q"], 0.3, 2), "l.0.ffn": src["l.0.ffn"][:40].clone()}
     s_path = write_ckpt(tmp_path / "s.safetensors", src)
     t_path = write_ckpt(tmp_path / "t.safetensors", tgt)
-    with open_base(str(s_path)) as cs, open_base(str(t_path)) as ct:
+    with open_checkpoint(str(s_path)) as cs, open_checkpoint(str(t_path)) as ct:
         ad = random_adapter(cs, "peft", r".", rank=4, seed=3)
         cpu = transfer_adapter(ad, cs, ct, r=8, device="cpu")
         gpu = transfer_adapter(ad, cs, ct, r=8, device="cuda")
@@ -523,7 +518,7 @@ def _overflow_pair(tmp_path):
 def test_fp16_output_overflow_is_refused_naming_the_layer(tmp_path, out_format, what):
     s_path, t_path, d = _overflow_pair(tmp_path)
     ad = load_adapter(d)
-    with open_base(str(s_path)) as cs, open_base(str(t_path)) as ct:
+    with open_checkpoint(str(s_path)) as cs, open_checkpoint(str(t_path)) as ct:
         with pytest.raises(AdapterError, match=rf"layer 'blk.q': {what} does not fit float16: \d+ of \d+ entries "
                                                r"overflow \(largest \|value\| .* > 6.55e\+04\)"):
             transfer_adapter(ad, cs, ct, r=6, method="copy", out_format=out_format)
@@ -566,7 +561,7 @@ def _dead_pid() -> int:
 
 
 def test_scratch_of_killed_runs_is_cleaned_and_nothing_else(tmp_path):
-    from lorax_ref.adapters import _host
+    from lorax_ref.files.output import _host
 
     dead, host = _dead_pid(), _host()
     stale = tmp_path / f".prev.lorax-tmp-{host}-{dead}-0badc0de"  # kill -9 during fill: a partial adapter
@@ -653,7 +648,7 @@ def test_special_files_are_never_opened(tmp_path):
         with pytest.raises(AdapterError, match=r"is not a regular file or a directory"):
             load_adapter(path)
         with pytest.raises(LoraxInputError, match=r"is not a regular file"):
-            open_base(str(path))
+            open_checkpoint(str(path))
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -670,14 +665,14 @@ def test_special_files_are_never_opened(tmp_path):
 def test_random_adapter_arguments(tmp_path, kwargs, match):
     ck_path = write_ckpt(tmp_path / "base.safetensors", {"l.0.q": spectral(6, 5, 0)})
     args = {"fmt": "peft", "pattern": r"\.q$", **kwargs}
-    with open_base(str(ck_path)) as ck:
+    with open_checkpoint(str(ck_path)) as ck:
         with pytest.raises(AdapterError, match=match):
             random_adapter(ck, args.pop("fmt"), args.pop("pattern"), **args)
 
 
 def test_transfer_adapter_validates_options_before_work(tmp_path):
     s_path = write_ckpt(tmp_path / "s.safetensors", {"m": spectral(8, 6, 0)})
-    with open_base(str(s_path)) as cs:
+    with open_checkpoint(str(s_path)) as cs:
         ad = random_adapter(cs, "peft", r".", rank=2)
         for kwargs, match in [({"threshold": float("nan")}, r"threshold=nan is out of range"),
                               ({"side": "x"}, r"side='x' is not one of"), ({"method": "svd"}, r"method='svd'"),
@@ -695,7 +690,7 @@ def test_transfer_report_flags_ill_posed_layers(tmp_path):
     W = torch.diag(torch.tensor([5.0, 4.0, 3.0, 3.0, 1.0, 0.5], dtype=torch.float64))
     s_path = write_ckpt(tmp_path / "s.safetensors", {"a": W, "b": spectral(6, 6, 1)})
     t_path = write_ckpt(tmp_path / "t.safetensors", {"a": W, "b": torch.zeros(6, 6)})
-    with open_base(str(s_path)) as cs, open_base(str(t_path)) as ct:
+    with open_checkpoint(str(s_path)) as cs, open_checkpoint(str(t_path)) as ct:
         res = transfer_adapter(random_adapter(cs, "peft", r".", rank=2), cs, ct, r=3)
     rows = {row.module: row for row in res.rows}
     assert [w.split(":")[0] for w in rows["a"].warnings] == ["source weight 'a' has σ_3 = σ_4 (tied to 0.0e+00·σ_1)",

@@ -1,4 +1,4 @@
-"""lorax_ref.checkpoints: tensors equal the file's bytes, names/shapes match the config, errors are clear.
+"""lorax_ref.files.checkpoints: tensors equal the file's bytes, names/shapes match the config, errors are clear.
 
 Expected values come from an independent reading of each file: the safetensors header parsed by hand
 (struct + json), ONNX initializers decoded from their raw bytes with numpy, the model's config.json.
@@ -15,11 +15,10 @@ import torch
 
 from lorax_ref.errors import LoraxInputError
 
-ck_mod = pytest.importorskip("lorax_ref.checkpoints")
-from lorax_ref.checkpoints import (
+ck_mod = pytest.importorskip("lorax_ref.files.checkpoints")
+from lorax_ref.files.checkpoints import (
     PACKAGED_MODELS,
     PackagedModel,
-    iter_layers,
     open_checkpoint,
     packaged_file,
 )
@@ -124,7 +123,8 @@ def test_user_safetensors_with_patterns(tmp_path):
         assert torch.equal(ck.get_param("down_blocks.0.resnets.0.conv1.weight"), tensors["down_blocks.0.resnets.0.conv1.weight"])
         with pytest.raises(LoraxInputError, match="matches"):
             ck.select("to_out")
-    got = dict(iter_layers(path, "ff"))
+    with open_checkpoint(path) as ck:
+        got = dict(ck.layers("ff"))
     assert list(got) == ["down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2.weight"]
 
 

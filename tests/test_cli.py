@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lorax_ref import svd_topk, transfer_layer
-from lorax_ref.adapters import files_sha256
+from lorax_ref.testing.checksums import files_sha256
 from lorax_ref.cli import main
 
 R = 4  # LoRA-X rank used throughout
@@ -476,7 +476,7 @@ def test_bad_checkpoints_one_line_errors(world, tmp_path, capsys):
 
 
 def test_shape_dependent_options_fail_before_any_svd(world, tmp_path, capsys, monkeypatch):
-    import lorax_ref.cache as cache
+    import lorax_ref.files.cache as cache
 
     def no_svd(*a, **k):
         raise AssertionError("an SVD ran before the options were validated")
@@ -523,7 +523,7 @@ def test_existing_output_needs_force_and_inputs_are_protected(world, tmp_path, c
 
 @pytest.mark.parametrize("exc,code", [(KeyboardInterrupt, 130), (OSError(28, "No space left on device"), 1)])
 def test_interrupted_write_leaves_nothing(world, tmp_path, capsys, monkeypatch, exc, code):
-    import lorax_ref.adapters as adapters
+    import lorax_ref.files.adapters as adapters
 
     def half_written(adapter, out_dir):
         (out_dir / "adapter_model.safetensors").write_bytes(b"partial")
@@ -629,7 +629,7 @@ def _readme_commands() -> list[list[str]]:
 
 @pytest.mark.slow
 def test_readme_example_runs_as_written(tmp_path):
-    from lorax_ref.checkpoints import PACKAGED_MODELS, packaged_file
+    from lorax_ref.files.checkpoints import PACKAGED_MODELS, packaged_file
 
     commands = _readme_commands()
     if not commands:
@@ -707,7 +707,7 @@ def test_kill_9_while_writing_leaves_nothing_the_next_run_keeps(world, tmp_path)
     out = tmp_path / "out"
     killer = (
         "import os, signal, sys\n"
-        "import lorax_ref.adapters as adapters\n"
+        "import lorax_ref.files.adapters as adapters\n"
         "from lorax_ref.cli import main\n"
         "def save_then_die(adapter, d):\n"
         "    (d / 'adapter_model.safetensors').write_bytes(b'partial')\n"
@@ -752,7 +752,7 @@ def test_full_disk_under_the_cache_only_costs_speed(world, tmp_path):
 def test_packaged_model_directory_is_protected(tmp_path, monkeypatch, capsys):
     """--source-base minilm-l6 --out <its installed model directory> --force used to delete model.safetensors and
     config.json. Here the alias points to a model directory made for the test, so a failure destroys nothing."""
-    from lorax_ref import checkpoints
+    from lorax_ref.files import checkpoints
 
     model_dir = tmp_path / "site-packages" / "pkg" / "model"
     model_dir.mkdir(parents=True)

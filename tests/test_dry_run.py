@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorax_ref import predict
-from lorax_ref.adapters import files_sha256
+from lorax_ref.testing.checksums import files_sha256
 from lorax_ref.cli import main
 
 R = 4  # rank of the bases on the small checkpoints
@@ -226,7 +226,7 @@ def test_bases_only_selects_shared_weights_of_width_at_least_r(w, capsys):
 
 
 def _packaged_or_skip():
-    from lorax_ref.checkpoints import PACKAGED_MODELS, packaged_file
+    from lorax_ref.files.checkpoints import PACKAGED_MODELS, packaged_file
 
     for alias in ("minilm-l6", "minilm-l6-int8", "minilm-l3"):
         model = PACKAGED_MODELS[alias]
@@ -240,7 +240,7 @@ def test_packaged_pairs_through_the_command_line(tmp_path):
     """minilm-l6 → int8 and → L3 in real processes: the dry run writes nothing (cwd, cache), predicts the kept
     energy of the transfer that follows, and its Φ-based expectation matches numpy on the packaged weights."""
     _packaged_or_skip()
-    from lorax_ref.checkpoints import open_checkpoint
+    from lorax_ref.files.checkpoints import open_checkpoint
 
     env = {**os.environ, "LORAX_CACHE_DIR": str(tmp_path / "cache")}
     work = tmp_path / "work"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lorax_ref import LoraxInputError, fast
+from lorax_ref.files.stream import stream_transfer
 
 TOL = 1e-6
 
@@ -237,27 +238,29 @@ def test_stream_transfer_between_checkpoints(tmp_path):
     save_file(src, str(tmp_path / "s.safetensors"))
     save_file(tgt, str(tmp_path / "t.safetensors"))
     seen = []
-    for nm, ts, bound, how in fast.stream_transfer(tmp_path / "s.safetensors", tmp_path / "t.safetensors",
+    for nm, ts, bound, how in stream_transfer(tmp_path / "s.safetensors", tmp_path / "t.safetensors",
                                                    adapter, r, group=2):
         assert ts.shape == (r, r) and bound <= TOL
         seen.append(nm)
     assert seen == names
-    dense = {nm: out for nm, out, _, _ in fast.stream_transfer(tmp_path / "s.safetensors", tmp_path / "t.safetensors",
+    dense = {nm: out for nm, out, _, _ in stream_transfer(tmp_path / "s.safetensors", tmp_path / "t.safetensors",
                                                                adapter, r, dense=True)}
     for nm in names:
         assert rel_err(dense[nm], oracle(src[nm], tgt[nm], adapter[nm], r)) <= TOL
 
 
-def test_safetensors_reader_reads_what_safetensors_wrote(tmp_path):
+def test_streaming_reader_reads_what_safetensors_wrote(tmp_path):
     from safetensors.torch import save_file
+
+    from lorax_ref.files.checkpoints import open_checkpoint
 
     tensors = {"a.weight": torch.randn(5, 7), "b.weight": torch.randn(3, 4).half(), "bias": torch.randn(3)}
     save_file(tensors, str(tmp_path / "x.safetensors"))
-    with fast.SafetensorsReader(tmp_path / "x.safetensors") as ck:
+    with open_checkpoint(tmp_path / "x.safetensors", stream=True) as ck:
         assert sorted(ck.keys()) == ["a.weight", "b.weight"]  # 2-D weights only
         for nm in ("a.weight", "b.weight"):
             assert torch.equal(ck.get(nm), tensors[nm]) and ck.shape(nm) == tuple(tensors[nm].shape)
-        with pytest.raises(LoraxInputError, match="no tensor named"):
+        with pytest.raises(LoraxInputError, match="no 2-D weight named"):
             ck.get("c.weight")
         with pytest.raises(LoraxInputError, match="expected"):
             ck.get("a.weight", shape=(7, 5))

@@ -29,7 +29,10 @@ from safetensors.torch import save_file
 
 import lorax_ref as L
 from lorax_ref import LoraxInputError
-from lorax_ref.adapters import load_adapter, open_base, random_adapter, save_adapter, transfer_adapter
+from lorax_ref.files.adapters import load_adapter, save_adapter
+from lorax_ref.files.example import random_adapter
+from lorax_ref.files.transfer import transfer_adapter
+from lorax_ref.files.checkpoints import open_checkpoint
 from lorax_ref.cli import main
 
 NO_CUDA = not torch.cuda.is_available()
@@ -98,7 +101,7 @@ def w(tmp_path_factory):
     ns.kohya_inf = d / "inf.safetensors"
     save_file({"lora_unet_enc_0_q.lora_down.weight": down.half(),
                "lora_unet_enc_0_q.lora_up.weight": torch.full_like(up, float("inf")).half()}, str(ns.kohya_inf))
-    with open_base(str(ns.src)) as ck:
+    with open_checkpoint(str(ns.src)) as ck:
         ad = random_adapter(ck, "lorax", r"\.q$", rank=4)
     (d / "lorax").mkdir()
     save_adapter(ad, d / "lorax")
@@ -134,7 +137,7 @@ def _snapshot(root: Path) -> dict:
 
 
 def _packaged_dir(alias: str) -> Path:
-    from lorax_ref.checkpoints import PACKAGED_MODELS, packaged_file
+    from lorax_ref.files.checkpoints import PACKAGED_MODELS, packaged_file
 
     m = PACKAGED_MODELS[alias]
     try:
@@ -275,14 +278,14 @@ CASES = [
     Case("fp16-sigma-in-range", "ok", _fp16_in_range),
     Case("gate-threshold-0-and-1", "ok", _gate_edges),
     # --- API: adapters and files ----------------------------------------------------------------------------
-    Case("random-strength-nan", "api", lambda w: random_adapter(open_base(str(w.src)), "peft", "q", strength=float("nan")),
+    Case("random-strength-nan", "api", lambda w: random_adapter(open_checkpoint(str(w.src)), "peft", "q", strength=float("nan")),
          r"strength must be a finite number >= 0, got nan"),
-    Case("random-bad-regex", "api", lambda w: random_adapter(open_base(str(w.src)), "peft", "("), r"not a valid regular expression"),
-    Case("transfer-device-meta", "api", lambda w: transfer_adapter(load_adapter(w.peft), open_base(str(w.src)),
-                                                                   open_base(str(w.tgt)), device="meta"), r"not a device to compute on"),
+    Case("random-bad-regex", "api", lambda w: random_adapter(open_checkpoint(str(w.src)), "peft", "("), r"not a valid regular expression"),
+    Case("transfer-device-meta", "api", lambda w: transfer_adapter(load_adapter(w.peft), open_checkpoint(str(w.src)),
+                                                                   open_checkpoint(str(w.tgt)), device="meta"), r"not a device to compute on"),
     Case("load-dev-zero", "api", lambda w: load_adapter("/dev/zero"), r"'/dev/zero' is not a regular file or a directory"),
     Case("load-fifo", "api", lambda w: load_adapter(w.fifo), r"is not a regular file or a directory"),
-    Case("open-directory-as-checkpoint", "api", lambda w: open_base(str(w.dir_ckpt)), r"is not a regular file"),
+    Case("open-directory-as-checkpoint", "api", lambda w: open_checkpoint(str(w.dir_ckpt)), r"is not a regular file"),
     # --- CLI: transfer --------------------------------------------------------------------------------------
     Case("fp16-overflow-copy", "cli", lambda w, o: _t(o, w, "--method", "copy", "--rank", "12", adapter=w.peft16),
          r"layer 'enc.0.q': B \(lora_B / lora_up\) does not fit float16: \d+ of 48 entries overflow"),

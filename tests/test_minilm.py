@@ -1,4 +1,4 @@
-"""lorax_ref.minilm: the torch encoder against the ONNX graphs, and the adapter modules against numpy."""
+"""lorax_ref.experiments.minilm: the torch encoder against the ONNX graphs, and the adapter modules against numpy."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,10 +9,10 @@ from torch import nn
 from lorax_ref.errors import LoraxInputError
 
 pytest.importorskip("tokenizers")
-from lorax_ref.checkpoints import PACKAGED_MODELS, open_checkpoint, packaged_file
-from lorax_ref.minilm import (
+from lorax_ref.files.checkpoints import PACKAGED_MODELS, open_checkpoint, packaged_file
+from lorax_ref.experiments.minilm import (
     LoraLinear,
-    LoraXLinear,
+    LoraxLinear,
     MiniLM,
     MiniLMConfig,
     adapter_deltas,
@@ -123,7 +123,7 @@ def _linear(m=12, n=9, seed=0):
 def test_lorax_linear_is_eq1_against_numpy():
     lin = _linear()
     W0 = lin.weight.detach().clone()
-    ad = LoraXLinear(lin, r=4)
+    ad = LoraxLinear(lin, r=4)
     assert [n for n, p in ad.named_parameters() if p.requires_grad] == ["dSigma_s"]
     x = torch.randn(5, 9)
     torch.testing.assert_close(ad(x), lin(x))  # ΔΣ starts at zero: the base layer unchanged

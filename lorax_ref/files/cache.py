@@ -22,7 +22,9 @@ Safety, because a wrong basis silently gives a wrong adapter:
   are stored under different names and never stand in for each other.
 
 Layout: ``<root>/<sha256[:2]>/<sha256>/<readable name>-<name hash>.r<r>.<dtype>[.fast].safetensors``.
-The root is ``--cache-dir``, else ``$LORAX_CACHE_DIR``, else ``~/.cache/lorax_ref/bases``.
+The root is ``--cache-dir``, else ``$LORAX_CACHE_DIR/bases``, else ``~/.cache/lorax_ref/bases``.
+``$LORAX_CACHE_DIR`` (:func:`cache_root`) is the one variable for everything regenerable this package keeps:
+the bases here, the fine-tuned model of the real-task experiment under ``models/``.
 """
 from __future__ import annotations
 
@@ -35,10 +37,10 @@ from typing import Callable
 
 import torch
 
-from . import checks
-from .linalg import svd_topk
+from .. import checks
+from ..linalg import svd_topk
 
-__all__ = ["BasisCache", "default_cache_dir", "CACHE_FORMAT"]
+__all__ = ["BasisCache", "cache_root", "default_cache_dir", "CACHE_FORMAT"]
 
 CACHE_FORMAT = "lorax-bases-2"  # bump when svd_topk's conventions change: old entries then miss (2: + σ_{r+1})
 ENV_VAR = "LORAX_CACHE_DIR"
@@ -46,14 +48,19 @@ ENV_VAR = "LORAX_CACHE_DIR"
 _DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32"}
 
 
-def default_cache_dir() -> Path:
-    """``$LORAX_CACHE_DIR`` if set, else ``~/.cache/lorax_ref/bases`` (``$XDG_CACHE_HOME`` respected)."""
+def cache_root() -> Path:
+    """``$LORAX_CACHE_DIR`` if set, else ``~/.cache/lorax_ref`` (``$XDG_CACHE_HOME`` respected)."""
     env = os.environ.get(ENV_VAR, "").strip()
     if env:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
     base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "lorax_ref" / "bases"
+    return base / "lorax_ref"
+
+
+def default_cache_dir() -> Path:
+    """Where the basis cache lives when ``--cache-dir`` is not given: ``cache_root() / "bases"``."""
+    return cache_root() / "bases"
 
 
 def _digest(*tensors: torch.Tensor) -> str:
@@ -191,7 +198,7 @@ class BasisCache:
         checks.rank(r, *W.shape)
         sigma_next = None
         if self.fast:
-            from .fast import top_r_bases
+            from ..fast import top_r_bases
 
             b = top_r_bases(W, r)  # certified, else the reference SVD (b.cert.method == "svd")
             U, S, V, method = b.U.to(dtype), b.S.to(dtype), b.V.to(dtype), b.cert.method  # (m, r), (r,), (n, r)

@@ -12,12 +12,12 @@ hidden states entering them are computed once per model and cached, so training 
 adapter costs a fraction of a full forward pass (the CPU budget of CI is two cores). Training minimises
 a supervised-contrastive loss (Khosla et al., 2020) over the labelled headlines, full batch, Adam.
 
-Transfer to a target follows the paper: every adapted source weight $W_s$ is paired with a target weight
-$W_t$ (same name; for a shallower target the layer with the highest $\Phi$, Eq. (4)) and its update moves
+Transfer to a target follows the paper: every adapted source weight :math:`W_s` is paired with a target weight
+:math:`W_t` (same name; for a shallower target the layer with the highest :math:`\Phi`, Eq. (4)) and its update moves
 by Eq. (3) (:func:`lorax_ref.transfer_same_dim`) for equal shapes, §4.2.2
 (:func:`lorax_ref.transfer_mismatch`) for different shapes, or the no-rotation ablation
 (:func:`lorax_ref.copy_sigma_transfer`) — the dispatch of :func:`lorax_ref.transfer_layer`, with each
-weight decomposed once (:class:`Bases`). Run it all with ``scripts/train_bbc_adapters.py``; notebook 08
+weight decomposed once (:class:`ModelBases`). Run it all with ``scripts/train_bbc_adapters.py``; notebook 08
 loads the saved adapters and rebuilds the table.
 """
 from __future__ import annotations
@@ -32,15 +32,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .core import (
+from ..core import (
     copy_sigma_transfer,
     subspace_similarity,
     transfer_mismatch,
     transfer_same_dim,
 )
-from .data_bbc import load_bbc, stratified_indices
-from .errors import LoraxInputError
-from .linalg import svd_topk
+from .bbc import load_bbc, stratified_indices
+from ..errors import LoraxInputError
+from ..files.reader import natural_key
+from ..linalg import svd_topk
 from .minilm import (
     PROJECTIONS,
     MiniLM,
@@ -54,7 +55,7 @@ from .minilm import (
     tokenize,
 )
 
-ADAPTER_DIR = Path(__file__).parent / "data" / "adapters"
+ADAPTER_DIR = Path(__file__).parents[1] / "data" / "adapters"
 
 
 @dataclass(frozen=True)
@@ -81,13 +82,16 @@ class TaskConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The torch dtype named by ``dtype``."""
         return getattr(torch, self.dtype)
 
     def pattern(self, layers: tuple[int, ...] | None = None) -> str:
+        """Regular expression selecting the adapted projections of the given (default: the configured) layers."""
         layers = self.adapted_layers if layers is None else layers
         return rf"encoder\.layer\.({'|'.join(str(i) for i in layers)})\." + self.projections
 
     def digest(self) -> str:
+        """A short hash of the configuration (names cached and saved artefacts)."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -98,6 +102,8 @@ class TaskConfig:
 
 @dataclass
 class Headlines:
+    """The tokenised BBC headlines with their topic labels, the evaluation split and the pool training labels come from."""
+
     ids: torch.Tensor  # (N, T) token ids
     mask: torch.Tensor  # (N, T)
     labels: torch.Tensor  # (N,) topic index
@@ -106,7 +112,7 @@ class Headlines:
     titles: list[str] = field(repr=False, default_factory=list)
 
     def train_idx(self, cfg: TaskConfig, seed: int) -> np.ndarray:
-        """`train_per_topic` labelled headlines per topic from the pool, drawn with `seed`."""
+        """``train_per_topic`` labelled headlines per topic from the pool, drawn with ``seed``."""
         pool_labels = self.labels.numpy()[self.pool_idx]
         pick = stratified_indices(pool_labels, {"train": cfg.train_per_topic}, seed=seed)["train"]
         return self.pool_idx[pick]
@@ -167,7 +173,7 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float) -> to
 
 @torch.no_grad()
 def bottom_states(model: MiniLM, ids: torch.Tensor, mask: torch.Tensor, first_top: int, batch: int = 256):
-    """Hidden states entering layer `first_top` (B, T, h), computed without gradients."""
+    """Hidden states entering layer ``first_top`` (B, T, h), computed without gradients."""
     out = []
     for i in range(0, len(ids), batch):
         x, m = ids[i:i + batch], mask[i:i + batch]
@@ -176,14 +182,14 @@ def bottom_states(model: MiniLM, ids: torch.Tensor, mask: torch.Tensor, first_to
 
 
 def top_embed(model: MiniLM, states: torch.Tensor, mask: torch.Tensor, first_top: int) -> torch.Tensor:
-    """Sentence embeddings (B, h) from cached states entering layer `first_top`."""
+    """Sentence embeddings (B, h) from cached states entering layer ``first_top``."""
     return mean_pool(model.run_layers(states, mask, range(first_top, model.cfg.n_layers)), mask)
 
 
 class Evaluator:
     """Caches one model's bottom states for the eval headlines; scores the model with updates on its top.
 
-    Headlines are sorted by length and batched so that padding stays small; `score(deltas)` copies only
+    Headlines are sorted by length and batched so that padding stays small; ``score(deltas)`` copies only
     the top layers an update touches (never the 47 MB embedding table).
     """
 
@@ -198,7 +204,7 @@ class Evaluator:
 
     @torch.no_grad()
     def score(self, deltas: dict[str, torch.Tensor] | None = None) -> float:
-        """Topic mAP of the model with `W ← W + ΔW` for every `name → ΔW` in `deltas` (top layers only)."""
+        """Topic mAP of the model with ``W ← W + ΔW`` for every ``name → ΔW`` in ``deltas`` (top layers only)."""
         layers = list(self.model.encoder.layer)
         for name, dW in (deltas or {}).items():
             i = int(name.split(".")[2])
@@ -237,9 +243,9 @@ def _first_layer(names: list[str]) -> int:
 
 def train_adapter(model: MiniLM, h: Headlines, cfg: TaskConfig, kind: str, seed: int,
                   modules: list[str] | None = None, svd_cache: dict | None = None) -> dict[str, torch.Tensor]:
-    """Train a LoRA-X (`kind="lorax"`) or LoRA adapter on `seed`'s few labels; returns its state (tiny).
+    """Train a LoRA-X (``kind="lorax"``) or LoRA adapter on ``seed``'s few labels; returns its state (tiny).
 
-    `modules` (names without `.weight`) default to the adapted layers of `cfg`; the layers below the
+    ``modules`` (names without ``.weight``) default to the adapted layers of ``cfg``; the layers below the
     first adapted one are frozen and run once.
     """
     modules = [n[: -len(".weight")] for n in adapter_names(cfg)] if modules is None else list(modules)
@@ -264,9 +270,9 @@ def train_adapter(model: MiniLM, h: Headlines, cfg: TaskConfig, kind: str, seed:
 
 def deltas_from_state(model: MiniLM, state: dict[str, torch.Tensor], kind: str, cfg: TaskConfig,
                       svd_cache: dict | None = None) -> dict[str, torch.Tensor]:
-    """ΔW per weight name of a saved adapter, rebuilt on `model` (LoRA-X bases come from `model`'s weights).
+    """ΔW per weight name of a saved adapter, rebuilt on ``model`` (LoRA-X bases come from ``model``'s weights).
 
-    Each adapted `nn.Linear` is copied alone (the model is neither copied nor modified)."""
+    Each adapted ``nn.Linear`` is copied alone (the model is neither copied nor modified)."""
     rank = cfg.r if kind == "lorax" else cfg.lora_rank
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -292,7 +298,7 @@ PROJECTION_NAMES = ("attention.self.query", "attention.self.key", "attention.sel
 
 
 def adapter_names(cfg: TaskConfig) -> list[str]:
-    """Weight names of the source layers the adapters sit on (`encoder.layer.4.attention.self.query.weight`, …)."""
+    """Weight names of the source layers the adapters sit on (``encoder.layer.4.attention.self.query.weight``, …)."""
     import re
 
     rx = re.compile(cfg.pattern())
@@ -304,11 +310,11 @@ def _weight(model: MiniLM, name: str) -> torch.Tensor:
     return model.get_parameter(name).detach()
 
 
-class Bases:
+class ModelBases:
     """Top-r bases of a model's weights in float64, computed once per weight (SVDs dominate the cost).
 
-    `model` is a :class:`MiniLM` or an open :class:`~lorax_ref.checkpoints.Checkpoint` (read layer by layer).
-    Weights with identical bytes share one decomposition (`shared`, e.g. the unpruned layers of a pruned copy).
+    ``model`` is a :class:`MiniLM` or an open :class:`~lorax_ref.files.checkpoints.Checkpoint` (read layer by layer).
+    Weights with identical bytes share one decomposition (``shared``, e.g. the unpruned layers of a pruned copy).
     """
 
     def __init__(self, model, r: int, shared: dict | None = None, device: torch.device | str = "cpu"):
@@ -318,6 +324,7 @@ class Bases:
             1 + max(int(k.split(".")[2]) for k in model if k.startswith("encoder.layer."))
 
     def weight(self, name: str) -> torch.Tensor:
+        """The float weight ``name`` of the model or checkpoint, ``(out, in)``."""
         return _weight(self.model, name) if isinstance(self.model, MiniLM) else self.model.get(name)
 
     def __call__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,7 +338,7 @@ class Bases:
         return self._cache[name]
 
 
-def phi_pair(bases_s: Bases, name_s: str, bases_t: Bases, name_t: str) -> tuple[float | None, float | None]:
+def phi_pair(bases_s: ModelBases, name_s: str, bases_t: ModelBases, name_t: str) -> tuple[float | None, float | None]:
     """(Φ_U, Φ_V) of Eq. (4) between two weights; None on a side whose dimensions differ."""
     (U_s, V_s), (U_t, V_t) = bases_s(name_s), bases_t(name_t)
     phi_u = subspace_similarity(U_s, U_t) if U_s.shape[0] == U_t.shape[0] else None
@@ -339,7 +346,7 @@ def phi_pair(bases_s: Bases, name_s: str, bases_t: Bases, name_t: str) -> tuple[
     return phi_u, phi_v
 
 
-def match_layers(bases_s: Bases, bases_t: Bases, names: list[str]) -> dict[str, tuple[str, float]]:
+def match_layers(bases_s: ModelBases, bases_t: ModelBases, names: list[str]) -> dict[str, tuple[str, float]]:
     """Each source weight → the target weight of the same projection with the highest mean Φ (Eq. (4)).
 
     A target of the same depth keeps the same name; a shallower one (L3) tries each of its layers.
@@ -358,20 +365,20 @@ def match_layers(bases_s: Bases, bases_t: Bases, names: list[str]) -> dict[str, 
     return out
 
 
-METHODS = {"lorax": "Eq. (3); §4.2.2 where shapes differ", "copy": "no-rotation ablation (Table 5)"}
+RULES = {"lorax": "Eq. (3); §4.2.2 where shapes differ", "copy": "no-rotation ablation (Table 5)"}
 
 
-def transfer_deltas(deltas: dict[str, torch.Tensor], bases_s: Bases, bases_t: Bases,
+def transfer_deltas(deltas: dict[str, torch.Tensor], bases_s: ModelBases, bases_t: ModelBases,
                     matching: dict[str, tuple[str, float]], method: str = "lorax") -> dict[str, torch.Tensor]:
     """Move each ΔW_s onto its matched target weight (float64 math, the result in ΔW_s's dtype).
 
-    `method="lorax"`: Eq. (3) `transfer_same_dim` for equal shapes, §4.2.2 `transfer_mismatch` otherwise
-    (exactly what `transfer_layer(method="auto")` does, with the bases computed once).
-    `method="copy"`: `copy_sigma_transfer(U_t, C_s, V_t)` with `C_s = Ū_sᵀ ΔW_s V̄_s`.
+    ``method="lorax"``: Eq. (3) ``transfer_same_dim`` for equal shapes, §4.2.2 ``transfer_mismatch`` otherwise
+    (exactly what ``transfer_layer(method="auto")`` does, with the bases computed once).
+    ``method="copy"``: ``copy_sigma_transfer(U_t, C_s, V_t)`` with ``C_s = Ū_sᵀ ΔW_s V̄_s``.
     Updates landing on the same target weight add up.
     """
-    if method not in METHODS:
-        raise LoraxInputError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if method not in RULES:
+        raise LoraxInputError(f"method must be one of {list(RULES)}, got {method!r}")
     out: dict[str, torch.Tensor] = {}
     for name, dW_s in deltas.items():
         tname = matching[name][0]
@@ -397,7 +404,7 @@ def transfer_deltas(deltas: dict[str, torch.Tensor], bases_s: Bases, bases_t: Ba
 class FinetuneConfig:
     """A short full fine-tune of all-MiniLM-L6-v2 (the SD-1.5 → SD Eff-v1.0 setting of the paper).
 
-    Task: match each headline with the first `lead_tokens` tokens of its own article among the other
+    Task: match each headline with the first ``lead_tokens`` tokens of its own article among the other
     leads of the batch (in-batch negatives, symmetric InfoNCE, the sentence-transformers recipe). It
     is topic-agnostic and uses only pool articles (never the eval headlines). Every encoder weight
     and LayerNorm trains; the token/position embedding tables stay frozen (their gradient is mostly
@@ -413,11 +420,12 @@ class FinetuneConfig:
     seed: int = 0
 
     def digest(self) -> str:
+        """A short hash of the recipe (names the cached fine-tuned model)."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def finetune_l6(ft: FinetuneConfig, cfg: TaskConfig, base: MiniLM | None = None) -> MiniLM:
-    """Run the fine-tune of :class:`FinetuneConfig` from the packaged L6 (or `base`); returns a new model."""
+    """Run the fine-tune of :class:`FinetuneConfig` from the packaged L6 (or ``base``); returns a new model."""
     model = merged(base if base is not None else MiniLM.from_checkpoint("minilm-l6"), {}).to(cfg.torch_dtype)
     model.requires_grad_(True)
     for emb in (model.embeddings.word_embeddings, model.embeddings.position_embeddings,
@@ -445,18 +453,18 @@ def finetune_l6(ft: FinetuneConfig, cfg: TaskConfig, base: MiniLM | None = None)
 
 
 def cache_dir() -> Path:
-    """Where regenerable artefacts (the fine-tuned L6) are kept: `$LORAX_CACHE` or ~/.cache/lorax_ref."""
-    import os
+    """Where the fine-tuned L6 is kept: ``models/`` under :func:`lorax_ref.files.cache.cache_root`
+    (``$LORAX_CACHE_DIR`` or ``~/.cache/lorax_ref``)."""
     import tempfile
 
-    if os.environ.get("LORAX_CACHE"):
-        return Path(os.environ["LORAX_CACHE"])
-    home = Path.home() / ".cache" / "lorax_ref"
+    from ..files.cache import cache_root
+
+    models = cache_root() / "models"
     try:
-        home.mkdir(parents=True, exist_ok=True)
-        return home
+        models.mkdir(parents=True, exist_ok=True)
+        return models
     except OSError:  # a read-only home (some CI runners): fall back to the temp dir
-        return Path(tempfile.gettempdir()) / "lorax_ref"
+        return Path(tempfile.gettempdir()) / "lorax_ref" / "models"
 
 
 def finetuned_l6(ft: FinetuneConfig, cfg: TaskConfig) -> MiniLM:
@@ -516,10 +524,10 @@ def build_models(cfg: TaskConfig, ft: FinetuneConfig) -> dict[str, MiniLM]:
 
 def train_all(models: dict[str, MiniLM], h: Headlines, cfg: TaskConfig, log=print) -> dict[str, dict[str, torch.Tensor]]:
     """Every adapter of the table: on the source LoRA-X and LoRA per seed; on each target LoRA-X per seed,
-    on the modules the transfer writes to. Keys `"<model>/<kind>/seed<k>"`."""
+    on the modules the transfer writes to. Keys ``"<model>/<kind>/seed<k>"``."""
     names = adapter_names(cfg)
     shared: dict = {}
-    bases = {k: Bases(m, cfg.r, shared) for k, m in models.items()}
+    bases = {k: ModelBases(m, cfg.r, shared) for k, m in models.items()}
     out = {}
     for seed in cfg.seeds:
         for kind in ("lorax", "lora"):
@@ -527,7 +535,7 @@ def train_all(models: dict[str, MiniLM], h: Headlines, cfg: TaskConfig, log=prin
             log(f"trained source/{kind}/seed{seed}")
     for target in TARGETS:
         matching = match_layers(bases["source"], bases[target], names)
-        modules = sorted({t[: -len(".weight")] for t, _ in matching.values()}, key=_natural)
+        modules = sorted({t[: -len(".weight")] for t, _ in matching.values()}, key=natural_key)
         cache: dict = {}
         for seed in cfg.seeds:
             out[f"{target}/lorax/seed{seed}"] = train_adapter(models[target], h, cfg, "lorax", seed, modules, cache)
@@ -535,23 +543,17 @@ def train_all(models: dict[str, MiniLM], h: Headlines, cfg: TaskConfig, log=prin
     return out
 
 
-def _natural(name: str):
-    import re
-
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
 def evaluate_all(models: dict[str, MiniLM], adapters: dict[str, dict[str, torch.Tensor]], h: Headlines,
                  cfg: TaskConfig, log=lambda msg: None) -> dict:
     """mAP of every cell of the table, per seed, plus the Φ matching used for each target.
 
-    Besides the variants of the paper, `as_is` adds the source ΔW_s to the target without any transfer
+    Besides the variants of the paper, ``as_is`` adds the source ΔW_s to the target without any transfer
     (for the pruned target: restricted to the FFN neurons that survived), which tells a transfer that
     loses the update from a target on which the very same update no longer works.
     """
     names = adapter_names(cfg)
-    shared: dict = {}  # one SVD per distinct weight, shared by Bases and the adapters' frozen bases
-    bases = {k: Bases(m, cfg.r, shared) for k, m in models.items()}
+    shared: dict = {}  # one SVD per distinct weight, shared by ModelBases and the adapters' frozen bases
+    bases = {k: ModelBases(m, cfg.r, shared) for k, m in models.items()}
     src = models["source"]
     ev_s = Evaluator(src, h, _first_layer(names))
     source_deltas = {(kind, s): deltas_from_state(src, adapters[f"source/{kind}/seed{s}"], kind, cfg, shared)
@@ -598,7 +600,7 @@ def _as_is(deltas: dict[str, torch.Tensor], matching: dict, kept: dict | None) -
 
 def save_adapters(adapters: dict[str, dict[str, torch.Tensor]], cfg: TaskConfig, ft: FinetuneConfig,
                   path: Path = ADAPTER_FILE) -> None:
-    """One safetensors file: keys `"<model>/<kind>/seed<k>/<module>.<field>"`, configs in the metadata."""
+    """One safetensors file: keys ``"<model>/<kind>/seed<k>/<module>.<field>"``, configs in the metadata."""
     from safetensors.torch import save_file
 
     flat = {f"{key}/{field}": t.contiguous() for key, state in adapters.items() for field, t in state.items()}
@@ -631,7 +633,7 @@ def _config_from_json(cls, text: str):
 
 
 def summarize(results: dict) -> list[dict]:
-    """Rows `{model, variant, mean, std, n}` of the table (std over seeds, ddof=1)."""
+    """Rows ``{model, variant, mean, std, n}`` of the table (std over seeds, ddof=1)."""
     rows = []
     for model, row in results["map"].items():
         for variant, values in row.items():

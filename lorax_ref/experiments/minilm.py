@@ -1,18 +1,18 @@
 r"""A small torch BERT / MiniLM sentence encoder, and the LoRA-X and LoRA modules trained on it.
 
-The encoder mirrors the Hugging Face `BertModel` module names (`encoder.layer.0.attention.self.query`, …)
-so that every weight of :mod:`lorax_ref.checkpoints` loads by name, and a LoRA-X update computed for
-`encoder.layer.i.attention.self.query.weight` lands on that exact `nn.Linear`. Sentence embeddings are
+The encoder mirrors the Hugging Face ``BertModel`` module names (``encoder.layer.0.attention.self.query``, …)
+so that every weight of :mod:`lorax_ref.files.checkpoints` loads by name, and a LoRA-X update computed for
+``encoder.layer.i.attention.self.query.weight`` lands on that exact ``nn.Linear``. Sentence embeddings are
 the all-MiniLM-L6-v2 recipe: mean of the last hidden states over real tokens, then L2-normalised.
 
-Adapters (one wrapped `nn.Linear` each, base weight frozen, $x \mapsto x W^\top + b + x\,\Delta W^\top$):
+Adapters (one wrapped ``nn.Linear`` each, base weight frozen, :math:`x \mapsto x W^\top + b + x\,\Delta W^\top`):
 
-* :class:`LoraXLinear` — Eq. (1): $\Delta W_s = \bar U_s\, \mathrm{diag}(\Delta\Sigma_s)\, \bar V_s^\top$ with
-  $\bar U_s, \bar V_s$ the top-r singular vectors of the frozen $W_s$ (from :func:`lorax_ref.svd_topk`)
-  and $\Delta\Sigma_s \in \mathbb R^r$ the only trainable parameters;
-* :class:`LoraLinear` — plain LoRA $\Delta W = \frac{\alpha}{k} B A$, $B$ (m, k) zero-initialised, $A$ (k, n).
+* :class:`LoraxLinear` — Eq. (1): :math:`\Delta W_s = \bar U_s\, \mathrm{diag}(\Delta\Sigma_s)\, \bar V_s^\top` with
+  :math:`\bar U_s, \bar V_s` the top-r singular vectors of the frozen :math:`W_s` (from :func:`lorax_ref.svd_topk`)
+  and :math:`\Delta\Sigma_s \in \mathbb R^r` the only trainable parameters;
+* :class:`LoraLinear` — plain LoRA :math:`\Delta W = \frac{\alpha}{k} B A`, :math:`B` (m, k) zero-initialised, :math:`A` (k, n).
 
-A transferred update is a full matrix $\Delta W_{t\leftarrow s}$; :func:`merged` adds such updates to a copy
+A transferred update is a full matrix :math:`\Delta W_{t\leftarrow s}`; :func:`merged` adds such updates to a copy
 of the target model (no wrapper needed at inference).
 """
 from __future__ import annotations
@@ -28,15 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import PACKAGED_MODELS, Checkpoint, open_checkpoint, packaged_file
-from .core import lorax_delta
-from .errors import LoraxInputError
-from .linalg import svd_topk
+from ..files.checkpoints import PACKAGED_MODELS, Checkpoint, open_checkpoint, packaged_file
+from ..core import lorax_delta
+from ..errors import LoraxInputError
+from ..linalg import svd_topk
 
 __all__ = [
     "PROJECTIONS",
     "LoraLinear",
-    "LoraXLinear",
+    "LoraxLinear",
     "MiniLM",
     "MiniLMConfig",
     "adapter_deltas",
@@ -66,6 +66,8 @@ PROJECTIONS = {
 
 @dataclass(frozen=True)
 class MiniLMConfig:
+    """Sizes of a MiniLM (BERT) encoder: vocabulary, hidden width, heads, FFN width per layer, positions, LayerNorm eps."""
+
     vocab_size: int = 30522
     hidden: int = 384
     n_heads: int = 12
@@ -76,14 +78,17 @@ class MiniLMConfig:
 
     @property
     def n_layers(self) -> int:
+        """Number of transformer layers."""
         return len(self.intermediate)
 
 
 class _Module(nn.Module):
-    """An attribute bag: gives the nested names (`attention.self.query`) without extra behaviour."""
+    """An attribute bag: gives the nested names (``attention.self.query``) without extra behaviour."""
 
 
 class BertLayer(nn.Module):
+    """One post-LayerNorm BERT layer: self-attention, then the feed-forward block, each with a residual."""
+
     def __init__(self, cfg: MiniLMConfig, ffn: int):
         super().__init__()
         h = cfg.hidden
@@ -103,6 +108,7 @@ class BertLayer(nn.Module):
         self.output.LayerNorm = nn.LayerNorm(h, eps=cfg.eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x (batch, tokens, hidden)`` → same shape; ``mask (batch, tokens)`` marks real tokens."""
         B, T, h = x.shape
         att = self.attention
         split = lambda t: t.view(B, T, self.n_heads, h // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
@@ -171,7 +177,7 @@ class MiniLM(nn.Module):
         return e.LayerNorm(x)  # (B, T, h)
 
     def run_layers(self, x: torch.Tensor, attention_mask: torch.Tensor, layers: Iterable[int] | None = None):
-        """Encoder layers `layers` (default: all) on hidden states x (B, T, h) with a 0/1 mask (B, T)."""
+        """Encoder layers ``layers`` (default: all) on hidden states x (B, T, h) with a 0/1 mask (B, T)."""
         mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T): keys a query may attend to
         for i in range(self.cfg.n_layers) if layers is None else layers:
             x = self.encoder.layer[i](x, mask)
@@ -201,7 +207,7 @@ _TOKENIZERS: dict[int, object] = {}
 
 
 def load_tokenizer(max_length: int = 128):
-    """The BERT uncased WordPiece tokenizer of all-MiniLM-L6-v2, truncating to `max_length` tokens."""
+    """The BERT uncased WordPiece tokenizer of all-MiniLM-L6-v2, truncating to ``max_length`` tokens."""
     if max_length not in _TOKENIZERS:
         try:
             from tokenizers import Tokenizer
@@ -241,11 +247,11 @@ def encode(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, batch_size: 
 # ----------------------------------------------------------------------------------------------------------
 
 
-class LoraXLinear(nn.Module):
-    r"""Eq. (1) on one `nn.Linear`: $W_s' = W_s + \bar U_s\, \mathrm{diag}(\Delta\Sigma_s)\, \bar V_s^\top$.
+class LoraxLinear(nn.Module):
+    r"""Eq. (1) on one ``nn.Linear``: :math:`W_s' = W_s + \bar U_s\, \mathrm{diag}(\Delta\Sigma_s)\, \bar V_s^\top`.
 
-    Only `dSigma_s` (r,) trains; `U_s` (m, r) and `V_s` (n, r) are frozen buffers from `svd_topk(W_s, r)`,
-    computed in float64. The forward never forms ΔW: $x \bar V_s$ (…, r), scaled, then $\bar U_s^\top$.
+    Only ``dSigma_s`` (r,) trains; ``U_s`` (m, r) and ``V_s`` (n, r) are frozen buffers from ``svd_topk(W_s, r)``,
+    computed in float64. The forward never forms ΔW: :math:`x \bar V_s` (…, r), scaled, then :math:`\bar U_s^\top`.
     """
 
     def __init__(self, base: nn.Linear, r: int, bases: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -260,6 +266,7 @@ class LoraXLinear(nn.Module):
         self.dSigma_s = nn.Parameter(torch.zeros(r, dtype=base.weight.dtype))  # (r,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + x ΔW_sᵀ`` for ``x (..., in)``."""
         z = (x @ self.V_s) * self.dSigma_s  # (…, n) @ (n, r) -> (…, r), times diag(ΔΣ_s)
         return self.base(x) + z @ self.U_s.T  # (…, m)
 
@@ -269,7 +276,7 @@ class LoraXLinear(nn.Module):
 
 
 class LoraLinear(nn.Module):
-    r"""Plain LoRA: $W' = W + \frac{\alpha}{k} B A$, $B$ (m, k) starts at zero, $A$ (k, n) Kaiming-uniform."""
+    r"""Plain LoRA: :math:`W' = W + \frac{\alpha}{k} B A`, :math:`B` (m, k) starts at zero, :math:`A` (k, n) Kaiming-uniform."""
 
     def __init__(self, base: nn.Linear, k: int, alpha: float | None = None, generator: torch.Generator | None = None):
         super().__init__()
@@ -283,9 +290,11 @@ class LoraLinear(nn.Module):
         self.B = nn.Parameter(torch.zeros(m, k, dtype=base.weight.dtype))  # (m, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + x ΔWᵀ`` for ``x (..., in)``."""
         return self.base(x) + (x @ self.A.T) @ self.B.T * self.scaling  # (…, n)->(…, k)->(…, m)
 
     def delta_weight(self) -> torch.Tensor:
+        """ΔW = s·B A, ``(out, in)``."""
         return self.scaling * self.B.detach() @ self.A.detach()  # (m, k) @ (k, n) -> (m, n)
 
 
@@ -304,10 +313,10 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def add_adapters(model: nn.Module, kind: str, pattern: str, rank: int, seed: int = 0,
                  alpha: float | None = None, svd_cache: dict | None = None) -> list[str]:
-    """Wrap every `nn.Linear` whose name matches `pattern` in a LoRA-X (`kind="lorax"`, rank r) or LoRA
-    (`kind="lora"`, rank k) adapter, in place. Everything else is frozen. Returns the wrapped names.
+    """Wrap every ``nn.Linear`` whose name matches ``pattern`` in a LoRA-X (``kind="lorax"``, rank r) or LoRA
+    (``kind="lora"``, rank k) adapter, in place. Everything else is frozen. Returns the wrapped names.
 
-    `svd_cache` (a dict the caller keeps) memoises the top-r bases by the weight's bytes, so training
+    ``svd_cache`` (a dict the caller keeps) memoises the top-r bases by the weight's bytes, so training
     several seeds on one model decomposes each weight once."""
     if kind not in ("lorax", "lora"):
         raise LoraxInputError(f"kind must be 'lorax' or 'lora', got {kind!r}")
@@ -325,7 +334,7 @@ def add_adapters(model: nn.Module, kind: str, pattern: str, rank: int, seed: int
                     U, _, V = svd_topk(W64, rank)  # (m, r), (n, r) float64
                     svd_cache[key] = (U, V)
                 bases = tuple(b.to(base.weight.dtype) for b in svd_cache[key])
-            wrapped = LoraXLinear(base, rank, bases)
+            wrapped = LoraxLinear(base, rank, bases)
         else:
             wrapped = LoraLinear(base, rank, alpha, generator=g)
         _set_module(model, name, wrapped)
@@ -333,14 +342,14 @@ def add_adapters(model: nn.Module, kind: str, pattern: str, rank: int, seed: int
 
 
 def _adapters(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, (LoraXLinear, LoraLinear))}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (LoraxLinear, LoraLinear))}
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained numbers only: `<module>.dSigma_s` (r,) or `<module>.lora_A` (k, n) / `.lora_B` (m, k)."""
+    """The trained numbers only: ``<module>.dSigma_s`` (r,) or ``<module>.lora_A`` (k, n) / ``.lora_B`` (m, k)."""
     out = {}
     for name, mod in _adapters(model).items():
-        if isinstance(mod, LoraXLinear):
+        if isinstance(mod, LoraxLinear):
             out[f"{name}.dSigma_s"] = mod.dSigma_s.detach().clone()
         else:
             out[f"{name}.lora_A"] = mod.A.detach().clone()
@@ -367,12 +376,12 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
 
 
 def adapter_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
-    """ΔW (m, n) of every adapter, keyed by the *weight* name (`….query.weight`), as the checkpoints name it."""
+    """ΔW (m, n) of every adapter, keyed by the *weight* name (``….query.weight``), as the checkpoints name it."""
     return {f"{n}.weight": m.delta_weight() for n, m in _adapters(model).items()}
 
 
 def merged(model: MiniLM, deltas: dict[str, torch.Tensor]) -> MiniLM:
-    """A copy of `model` with `W ← W + ΔW` for every `name.weight → ΔW` in `deltas` (shapes must match)."""
+    """A copy of ``model`` with ``W ← W + ΔW`` for every ``name.weight → ΔW`` in ``deltas`` (shapes must match)."""
     out = copy.deepcopy(model)
     params = dict(out.named_parameters())
     with torch.no_grad():
@@ -391,9 +400,9 @@ def merged(model: MiniLM, deltas: dict[str, torch.Tensor]) -> MiniLM:
 
 
 def prune_ffn(model: MiniLM, keep: int | Iterable[int]) -> tuple[MiniLM, dict[int, torch.Tensor]]:
-    """Keep the `keep` FFN neurons of each layer with the largest $\\lVert W_{in}[j,:]\\rVert\\,\\lVert W_{out}[:,j]\\rVert$.
+    """Keep the ``keep`` FFN neurons of each layer with the largest :math:`\\lVert W_{in}[j,:]\\rVert\\,\\lVert W_{out}[:,j]\\rVert`.
 
-    `intermediate.dense` becomes (keep, h) and `output.dense` (h, keep): the layers the transfer meets with
+    ``intermediate.dense`` becomes (keep, h) and ``output.dense`` (h, keep): the layers the transfer meets with
     different shapes. Deterministic (ties broken by index). Returns the pruned copy and the kept indices.
     """
     keeps = [keep] * model.cfg.n_layers if isinstance(keep, int) else list(keep)
