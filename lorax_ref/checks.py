@@ -1,13 +1,20 @@
 """Input checks shared by every equation.
 
 Each check raises :class:`~lorax_ref.errors.LoraxInputError` with a message that names the argument
-and the offending shape, dtype or value. The equations call them first, so a mistake surfaces as one
+and the offending shape, dtype or value. The equations run them first, so a mistake surfaces as one
 readable line instead of a broadcast that silently succeeds or a deep torch traceback.
+
+Inputs are checked once, where they enter the package: :func:`checked` runs a function's checks before its
+body, and the body alone (``f.unchecked``) is what other equations call with inputs already checked, so a
+tensor is scanned for NaN or tested for orthonormality once however deep the call goes.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
 import os
+from typing import Callable
 
 import torch
 
@@ -21,6 +28,33 @@ ORTHO_TOL = {
     torch.float16: 2e-2,
     torch.bfloat16: 6e-2,
 }
+
+
+def checked(validate: Callable) -> Callable:
+    """Decorator: ``validate`` checks the arguments, then the decorated body runs on them.
+
+    ``validate`` is called with the arguments in the body's order (defaults filled in) and raises
+    :class:`LoraxInputError`; it may return a dict of normalised arguments (e.g. a threshold as a float),
+    which replace the given ones. The body stays reachable as ``f.unchecked``, for callers inside the
+    package whose inputs are already checked.
+    """
+
+    def decorate(body: Callable) -> Callable:
+        signature = inspect.signature(body)
+
+        @functools.wraps(body)
+        def public(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            normalised = validate(*bound.args)
+            if normalised:
+                bound.arguments.update(normalised)
+            return body(*bound.args)
+
+        public.unchecked = body
+        return public
+
+    return decorate
 
 
 def _shape(x: torch.Tensor) -> str:

@@ -40,8 +40,9 @@ import torch
 from tqdm import tqdm
 
 from . import checks
+from .checks import checked
 from .adapters import AdapterError, BaseIndex, LoraLayer, _plan_layer, transfer_settings
-from .core import _gate_phi, subspace_similarity
+from .core import _gate_phi, subspace_similarity, transfer_case
 from .errors import LoraxInputError
 from .linalg import spectrum_warnings
 
@@ -63,16 +64,36 @@ SAME_SPECTRUM = 1e-4  # relative change of the top-r singular values below which
 # ---------------------------------------------------------------------------------------------------------
 
 
-def overlaps(U_s: torch.Tensor, U_t: torch.Tensor) -> torch.Tensor:
-    r""":math:`a_k = \lVert \bar U_t^\top u_{s,k}\rVert^2` for k = 1..r: the share of the k-th source direction that
-    the target's subspace keeps (``a.mean()`` is Φ of Eq. (4)). Returns ``(r_s,)``."""
+def _check_overlaps(U_s, U_t) -> None:
     checks.same_device(U_s=U_s, U_t=U_t)
     checks.basis("U_s", U_s)
     checks.basis("U_t", U_t, rows=U_s.shape[0])
     checks.same_dtype(U_s=U_s, U_t=U_t)
+
+
+def _check_expected(U_s, V_s, U_t, V_t, diagonal) -> None:
+    _check_overlaps(U_s, U_t)
+    _check_overlaps(V_s, V_t)
+    checks.same_rank(U_s=U_s, V_s=V_s)
+
+
+def _check_four(U_s, V_s, U_t, V_t) -> None:
+    """Top-r bases of a source and a target layer with the same dimensions: one device, one dtype, one rank."""
+    checks.same_device(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+    for name, X, rows in (("U_s", U_s, None), ("V_s", V_s, None), ("U_t", U_t, U_s.shape[0]), ("V_t", V_t, V_s.shape[0])):
+        checks.basis(name, X, rows=rows)
+    checks.same_dtype(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+    checks.same_rank(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+
+
+@checked(_check_overlaps)
+def overlaps(U_s: torch.Tensor, U_t: torch.Tensor) -> torch.Tensor:
+    r""":math:`a_k = \lVert \bar U_t^\top u_{s,k}\rVert^2` for k = 1..r: the share of the k-th source direction that
+    the target's subspace keeps (``a.mean()`` is Φ of Eq. (4)). Returns ``(r_s,)``."""
     return (U_t.T @ U_s).double().pow(2).sum(0)  # (r_t, m) @ (m, r_s) -> (r_t, r_s) -> (r_s,)
 
 
+@checked(_check_expected)
 def expected_kept_energy(U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor,
                          diagonal: bool = True) -> float:
     r"""Expected kept energy of Eq. (3) for a random LoRA-X update with i.i.d. zero-mean :math:`\Delta\Sigma_s`.
@@ -82,21 +103,17 @@ def expected_kept_energy(U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor
     Both are ratios of expectations :math:`E\lVert R_u\Delta\Sigma R_v\rVert^2 / E\lVert\Delta\Sigma\rVert^2`, and equal
     the expectation of the ratio when the entries are Gaussian.
     """
-    a, b = overlaps(U_s, U_t), overlaps(V_s, V_t)  # (r,), (r,)
-    checks.same_rank(U_s=U_s, V_s=V_s)
+    a, b = overlaps.unchecked(U_s, U_t), overlaps.unchecked(V_s, V_t)  # (r,), (r,)
     if diagonal:
         return float((a * b).mean())
     return float(a.mean() * b.mean())
 
 
+@checked(_check_four)
 def kept_energy_range(U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor) -> tuple[float, float]:
     r"""The least and the most any LoRA-X update can keep through Eq. (3):
     :math:`\big(\sigma_{\min}(R_u)^2\sigma_{\min}(R_v)^2,\ \sigma_{\max}(R_u)^2\sigma_{\max}(R_v)^2\big)`, i.e. the squared
     cosines of the largest and of the smallest principal angles, multiplied over the two sides."""
-    checks.same_device(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
-    for name, X, rows in (("U_s", U_s, None), ("V_s", V_s, None), ("U_t", U_t, U_s.shape[0]), ("V_t", V_t, V_s.shape[0])):
-        checks.basis(name, X, rows=rows)
-    checks.same_rank(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
     s_a = torch.linalg.svdvals((U_t.T @ U_s).double())  # (r,) of R_u: cosines of the principal angles, left
     s_b = torch.linalg.svdvals((V_s.T @ V_t).double())  # (r,) of R_v, right
     return float(s_a.min() ** 2 * s_b.min() ** 2), float(s_a.max() ** 2 * s_b.max() ** 2)
@@ -217,13 +234,13 @@ def _predict_one(layer, plan, idx_s, idx_t, sha_s, sha_t, r, threshold, side, me
     warnings = (spectrum_warnings(f"source weight {stem_s!r}", S_s, next_s, shape_s, torch.float64)
                 + spectrum_warnings(f"target weight {stem_t!r}", S_t, next_t, shape_t, torch.float64))
     same_u, same_v = shape_s[0] == shape_t[0], shape_s[1] == shape_t[1]
-    phi_u = subspace_similarity(U_s, U_t) if same_u else None  # Eq. (4), as the transfer computes it
-    phi_v = subspace_similarity(V_s, V_t) if same_v else None
+    phi_u = subspace_similarity.unchecked(U_s, U_t) if same_u else None  # Eq. (4), as the transfer computes it
+    phi_v = subspace_similarity.unchecked(V_s, V_t) if same_v else None  # (bases from the cache: already checked)
     phi = _gate_phi(phi_u, phi_v, side)
     gated = threshold is not None and phi < threshold
-    case = {"auto": "same_dim" if shape_s == shape_t else "mismatch", "lorax": "same_dim"}.get(method, method)
+    case = transfer_case(method, shape_s, shape_t)
     if case == "same_dim":
-        a, b = overlaps(U_s, U_t), overlaps(V_s, V_t)  # (r,), (r,)
+        a, b = overlaps.unchecked(U_s, U_t), overlaps.unchecked(V_s, V_t)  # (r,), (r,)
         expected, expected_full = float((a * b).mean()), float(a.mean() * b.mean())
     else:
         expected, expected_full = 1.0, None  # U_t C_s V_tᵀ with C_s = ΔΣ_s: ‖ΔW_t‖ = ‖ΔΣ_s‖
