@@ -122,7 +122,7 @@ def _check_svd(W, r) -> None:
 def svd_topk(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Top-r thin SVD: :math:`W \approx \bar U \,\mathrm{diag}(\bar S)\, \bar V^\top`.
 
-    Notation §1: the truncated bases :math:`\bar U_s = U[:, :r]`, :math:`\bar V_s = V[:, :r]` of a base
+    README § Notation: the truncated bases :math:`\bar U_s = U[:, :r]`, :math:`\bar V_s = V[:, :r]` of a base
     weight :math:`W = U \Sigma V^\top` (largest singular values first).
 
     Args:
