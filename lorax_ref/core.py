@@ -39,98 +39,11 @@ from .linalg import energy_ratio, spectrum_warnings, svd_fits, svd_topk
 
 
 # ---------------------------------------------------------------------------------------------------
-# Argument checks, one per equation (run by @checked before the body)
-# ---------------------------------------------------------------------------------------------------
-
-
-def _bases(U: torch.Tensor, V: torch.Tensor, suffix: str, m: int | None = None, n: int | None = None) -> int:
-    """Check a pair of bases ``U (m, r)``, ``V (n, r)`` of one layer; returns r."""
-    checks.basis("U" + suffix, U, rows=m)
-    checks.basis("V" + suffix, V, rows=n)
-    return checks.same_rank(**{"U" + suffix: U, "V" + suffix: V})
-
-
-def _check_delta(U_s, dSigma_s, V_s) -> None:
-    checks.same_device(U_s=U_s, dSigma_s=dSigma_s, V_s=V_s)
-    checks.sigma("dSigma_s", dSigma_s, _bases(U_s, V_s, "_s"))
-    checks.same_dtype(U_s=U_s, dSigma_s=dSigma_s, V_s=V_s)
-
-
-def _check_project(dW, U, V) -> None:
-    checks.same_device(dW=dW, U=U, V=V)
-    checks.matrix("dW", dW)
-    _bases(U, V, "", *dW.shape)
-    checks.same_dtype(dW=dW, U=U, V=V)
-
-
-def _check_same_dim(dW_s, U_t, V_t) -> None:
-    checks.same_device(dW_s=dW_s, U_t=U_t, V_t=V_t)
-    checks.matrix("dW_s", dW_s)
-    _bases(U_t, V_t, "_t")  # a Vh passed as V is named as such before shapes are compared
-    checks.same_dtype(dW_s=dW_s, U_t=U_t, V_t=V_t)
-    m, n = dW_s.shape
-    m_t, n_t = U_t.shape[0], V_t.shape[0]
-    if (m, n) != (m_t, n_t):
-        raise LoraxInputError(
-            f"same-dimension transfer (Eq. (3)) needs the target layer to have the source shape: dW_s is "
-            f"{m}x{n} but U_t, V_t describe a {m_t}x{n_t} layer; use transfer_mismatch (§4.2.2) for different shapes"
-        )
-
-
-def _check_rotation(U_t, U_s, dSigma_s, V_s, V_t) -> None:
-    checks.same_device(U_t=U_t, U_s=U_s, dSigma_s=dSigma_s, V_s=V_s, V_t=V_t)
-    r_s = _bases(U_s, V_s, "_s")
-    _bases(U_t, V_t, "_t", U_s.shape[0], V_s.shape[0])
-    checks.sigma("dSigma_s", dSigma_s, r_s)
-    checks.same_dtype(U_t=U_t, U_s=U_s, dSigma_s=dSigma_s, V_s=V_s, V_t=V_t)
-
-
-def _check_copy(U_t, dSigma_s, V_t) -> None:
-    checks.same_device(U_t=U_t, dSigma_s=dSigma_s, V_t=V_t)
-    checks.sigma("dSigma_s", dSigma_s, _bases(U_t, V_t, "_t"))
-    checks.same_dtype(U_t=U_t, dSigma_s=dSigma_s, V_t=V_t)
-
-
-def _check_alignment(U_s, V_s, U_t, V_t) -> None:
-    checks.same_device(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
-    _bases(U_s, V_s, "_s")
-    _bases(U_t, V_t, "_t")
-    checks.same_rank(U_s=U_s, U_t=U_t)
-    checks.same_dtype(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
-
-
-def _check_mismatch(dW_s, U_s, V_s, U_t, V_t) -> None:
-    checks.same_device(dW_s=dW_s, U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
-    checks.matrix("dW_s", dW_s)
-    _bases(U_s, V_s, "_s", *dW_s.shape)
-    _bases(U_t, V_t, "_t")
-    checks.same_rank(U_s=U_s, U_t=U_t)
-    checks.same_dtype(dW_s=dW_s, U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
-
-
-def _check_similarity(U_a, U_b) -> None:
-    checks.same_device(U_a=U_a, U_b=U_b)
-    checks.basis("U_a", U_a)
-    checks.basis("U_b", U_b, rows=U_a.shape[0])
-    checks.same_dtype(U_a=U_a, U_b=U_b)
-
-
-def _check_lora(B, A, U_t, V_t) -> None:
-    checks.same_device(B=B, A=A, U_t=U_t, V_t=V_t)
-    checks.matrix("B", B)
-    checks.matrix("A", A)
-    if B.shape[1] != A.shape[0]:
-        raise LoraxInputError(f"LoRA factors do not chain: B is {tuple(B.shape)} and A is {tuple(A.shape)} (need B (m, k), A (k, n))")
-    _bases(U_t, V_t, "_t", B.shape[0], A.shape[1])
-    checks.same_dtype(B=B, A=A, U_t=U_t, V_t=V_t)
-
-
-# ---------------------------------------------------------------------------------------------------
 # Eq. (1) and Eq. (2): the adapter lives in the source subspace
 # ---------------------------------------------------------------------------------------------------
 
 
-@checked(_check_delta)
+@checked(checks.delta_args)
 def lorax_delta(U_s: torch.Tensor, dSigma_s: torch.Tensor, V_s: torch.Tensor) -> torch.Tensor:
     r"""Eq. (1) — the LoRA-X update of a source layer.
 
@@ -142,7 +55,7 @@ def lorax_delta(U_s: torch.Tensor, dSigma_s: torch.Tensor, V_s: torch.Tensor) ->
     return U_s @ as_full_sigma(dSigma_s) @ V_s.T  # (m, r) @ (r, r) @ (r, n) -> (m, n)
 
 
-@checked(_check_project)
+@checked(checks.projection_args)
 def project(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     r"""Eq. (2) — a LoRA-X update is a fixed point of the source's two-sided projection (computed here).
 
@@ -164,7 +77,7 @@ def project(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 
-@checked(_check_same_dim)
+@checked(checks.same_dim_args)
 def transfer_same_dim(dW_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor) -> torch.Tensor:
     r"""Eq. (3) — projection form: transfer onto a target layer of the same shape.
 
@@ -177,7 +90,7 @@ def transfer_same_dim(dW_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor) 
     return U_t @ dSigma_ts @ V_t.T  # (m, r) @ (r, r) @ (r, n) -> (m, n)
 
 
-@checked(_check_rotation)
+@checked(checks.rotation_args)
 def transferred_sigma(
     U_t: torch.Tensor, U_s: torch.Tensor, dSigma_s: torch.Tensor, V_s: torch.Tensor, V_t: torch.Tensor
 ) -> torch.Tensor:
@@ -195,7 +108,7 @@ def transferred_sigma(
     return R_u @ as_full_sigma(dSigma_s) @ R_v  # (r_t, r_s) @ (r_s, r_s) @ (r_s, r_t) -> (r_t, r_t)
 
 
-@checked(_check_copy)
+@checked(checks.copy_args)
 def copy_sigma_transfer(U_t: torch.Tensor, dSigma_s: torch.Tensor, V_t: torch.Tensor) -> torch.Tensor:
     r"""Table 5 ablation — copy :math:`\Delta\Sigma_s` into the target bases without rotating it.
 
@@ -213,7 +126,7 @@ def copy_sigma_transfer(U_t: torch.Tensor, dSigma_s: torch.Tensor, V_t: torch.Te
 # ---------------------------------------------------------------------------------------------------
 
 
-@checked(_check_alignment)
+@checked(checks.alignment_args)
 def alignment_maps(
     U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,7 +148,7 @@ def alignment_maps(
     return P, Q
 
 
-@checked(_check_mismatch)
+@checked(checks.mismatch_args)
 def transfer_mismatch(
     dW_s: torch.Tensor, U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
 ) -> torch.Tensor:
@@ -264,7 +177,7 @@ def transfer_mismatch(
 # ---------------------------------------------------------------------------------------------------
 
 
-@checked(_check_similarity)
+@checked(checks.similarity_args)
 def subspace_similarity(U_a: torch.Tensor, U_b: torch.Tensor) -> float:
     r"""Eq. (4) — how much two r-dimensional subspaces overlap.
 
@@ -284,7 +197,7 @@ def subspace_similarity(U_a: torch.Tensor, U_b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------
 
 
-@checked(_check_lora)
+@checked(checks.lora_args)
 def transfer_lora(
     B: torch.Tensor, A: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,8 +287,8 @@ def _check_gate(threshold: float | None, side: str, shape_s: tuple, shape_t: tup
 def _check_from_bases(dW_s, U_s, V_s, U_t, V_t, threshold, side, method) -> dict:
     checks.same_device(dW_s=dW_s, U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
     checks.matrix("dW_s", dW_s)
-    _bases(U_s, V_s, "_s", *dW_s.shape)
-    _bases(U_t, V_t, "_t")
+    checks.bases(U_s, V_s, "_s", *dW_s.shape)
+    checks.bases(U_t, V_t, "_t")
     checks.same_rank(U_s=U_s, U_t=U_t)
     checks.same_dtype(dW_s=dW_s, U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
     threshold = checks.threshold(threshold)

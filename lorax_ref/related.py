@@ -19,7 +19,7 @@ import torch
 
 from . import checks
 from .checks import checked
-from .core import _check_alignment, alignment_maps, project
+from .core import alignment_maps, project
 from .errors import LoraxInputError
 from .linalg import frob2
 
@@ -28,19 +28,14 @@ def _layer(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor, suffix: str) -> N
     """Check one layer: an update ``dW (m, n)`` and bases ``U (m, r)``, ``V (n, r)`` of that layer."""
     checks.same_device(**{"dW" + suffix: dW, "U" + suffix: U, "V" + suffix: V})
     checks.matrix("dW" + suffix, dW)
-    m, n = dW.shape
-    checks.basis("U" + suffix, U, rows=m)
-    checks.basis("V" + suffix, V, rows=n)
-    checks.same_rank(**{"U" + suffix: U, "V" + suffix: V})
+    checks.bases(U, V, suffix, *dW.shape)
     checks.same_dtype(**{"dW" + suffix: dW, "U" + suffix: U, "V" + suffix: V})
 
 
 def _target(U_t: torch.Tensor, V_t: torch.Tensor, dW_s: torch.Tensor) -> None:
     """Target bases ``U_t (m_t, r)``, ``V_t (n_t, r)`` on ``dW_s``'s device and dtype."""
     checks.same_device(dW_s=dW_s, U_t=U_t, V_t=V_t)
-    checks.basis("U_t", U_t)
-    checks.basis("V_t", V_t)
-    checks.same_rank(U_t=U_t, V_t=V_t)
+    checks.bases(U_t, V_t, "_t")
     checks.same_dtype(dW_s=dW_s, U_t=U_t, V_t=V_t)
 
 
@@ -156,7 +151,7 @@ def prolora_transfer(
 # ---------------------------------------------------------------------------------------------------
 
 
-@checked(_check_alignment)
+@checked(checks.alignment_args)
 def cross_lora_alignment(
     U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
