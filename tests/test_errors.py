@@ -1,4 +1,5 @@
-"""Every bad input gets a LoraxInputError whose message names the problem and the offending values."""
+"""Every bad input gets a LoraxInputError whose message names the problem and the offending values
+(docs/identities.md §10)."""
 import math
 import re
 
