@@ -1,13 +1,21 @@
 """Input checks shared by every equation.
 
 Each check raises :class:`~lorax_ref.errors.LoraxInputError` with a message that names the argument
-and the offending shape, dtype or value. The equations call them first, so a mistake surfaces as one
+and the offending shape, dtype or value. The equations run them first, so a mistake surfaces as one
 readable line instead of a broadcast that silently succeeds or a deep torch traceback.
+
+Inputs are checked once, where they enter the package: :func:`checked` runs a function's checks before its
+body, and the body alone (``f.unchecked``) is what other equations call with inputs already checked, so a
+tensor is scanned for NaN or tested for orthonormality once however deep the call goes. The last section
+holds the argument check of each equation of :mod:`lorax_ref.core` (``delta_args`` for Eq. (1), ...).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import numbers
 import os
+from typing import Callable
 
 import torch
 
@@ -21,6 +29,33 @@ ORTHO_TOL = {
     torch.float16: 2e-2,
     torch.bfloat16: 6e-2,
 }
+
+
+def checked(validate: Callable) -> Callable:
+    """Decorator: ``validate`` checks the arguments, then the decorated body runs on them.
+
+    ``validate`` is called with the arguments in the body's order (defaults filled in) and raises
+    :class:`LoraxInputError`; it may return a dict of normalised arguments (e.g. a threshold as a float),
+    which replace the given ones. The body stays reachable as ``f.unchecked``, for callers inside the
+    package whose inputs are already checked.
+    """
+
+    def decorate(body: Callable) -> Callable:
+        signature = inspect.signature(body)
+
+        @functools.wraps(body)
+        def public(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            normalised = validate(*bound.args)
+            if normalised:
+                bound.arguments.update(normalised)
+            return body(*bound.args)
+
+        public.unchecked = body
+        return public
+
+    return decorate
 
 
 def _shape(x: torch.Tensor) -> str:
@@ -195,3 +230,99 @@ def sigma(name: str, dSigma, r: int) -> torch.Tensor:
 def as_full_sigma(dSigma: torch.Tensor) -> torch.Tensor:
     """A diagonal ``(r,)`` becomes ``diag(dSigma) (r, r)``; a full matrix is returned as is."""
     return torch.diag(dSigma) if dSigma.ndim == 1 else dSigma
+
+
+# ---------------------------------------------------------------------------------------------------
+# The arguments of each equation of lorax_ref.core (run by @checked before the equation's body)
+# ---------------------------------------------------------------------------------------------------
+
+
+def bases(U: torch.Tensor, V: torch.Tensor, suffix: str, m: int | None = None, n: int | None = None) -> int:
+    """Check a pair of bases ``U (m, r)``, ``V (n, r)`` of one layer; returns r."""
+    basis("U" + suffix, U, rows=m)
+    basis("V" + suffix, V, rows=n)
+    return same_rank(**{"U" + suffix: U, "V" + suffix: V})
+
+
+def delta_args(U_s, dSigma_s, V_s) -> None:
+    """Eq. (1): source bases and ``dSigma_s`` of their rank."""
+    same_device(U_s=U_s, dSigma_s=dSigma_s, V_s=V_s)
+    sigma("dSigma_s", dSigma_s, bases(U_s, V_s, "_s"))
+    same_dtype(U_s=U_s, dSigma_s=dSigma_s, V_s=V_s)
+
+
+def projection_args(dW, U, V) -> None:
+    """Eq. (2): an update ``dW (m, n)`` and bases of its two sides."""
+    same_device(dW=dW, U=U, V=V)
+    matrix("dW", dW)
+    bases(U, V, "", *dW.shape)
+    same_dtype(dW=dW, U=U, V=V)
+
+
+def same_dim_args(dW_s, U_t, V_t) -> None:
+    """Eq. (3): an update and target bases of a layer of the same shape."""
+    same_device(dW_s=dW_s, U_t=U_t, V_t=V_t)
+    matrix("dW_s", dW_s)
+    bases(U_t, V_t, "_t")  # a Vh passed as V is named as such before shapes are compared
+    same_dtype(dW_s=dW_s, U_t=U_t, V_t=V_t)
+    m, n = dW_s.shape
+    m_t, n_t = U_t.shape[0], V_t.shape[0]
+    if (m, n) != (m_t, n_t):
+        raise LoraxInputError(
+            f"same-dimension transfer (Eq. (3)) needs the target layer to have the source shape: dW_s is "
+            f"{m}x{n} but U_t, V_t describe a {m_t}x{n_t} layer; use transfer_mismatch (§4.2.2) for different shapes"
+        )
+
+
+def rotation_args(U_t, U_s, dSigma_s, V_s, V_t) -> None:
+    """Eq. (3) rotation form: source and target bases of layers of one shape, ``dSigma_s`` of the source rank."""
+    same_device(U_t=U_t, U_s=U_s, dSigma_s=dSigma_s, V_s=V_s, V_t=V_t)
+    r_s = bases(U_s, V_s, "_s")
+    bases(U_t, V_t, "_t", U_s.shape[0], V_s.shape[0])
+    sigma("dSigma_s", dSigma_s, r_s)
+    same_dtype(U_t=U_t, U_s=U_s, dSigma_s=dSigma_s, V_s=V_s, V_t=V_t)
+
+
+def copy_args(U_t, dSigma_s, V_t) -> None:
+    """Table 5 ablation: target bases and ``dSigma_s`` of their rank."""
+    same_device(U_t=U_t, dSigma_s=dSigma_s, V_t=V_t)
+    sigma("dSigma_s", dSigma_s, bases(U_t, V_t, "_t"))
+    same_dtype(U_t=U_t, dSigma_s=dSigma_s, V_t=V_t)
+
+
+def alignment_args(U_s, V_s, U_t, V_t) -> None:
+    """§4.2.2 alignment maps: source and target bases of one rank."""
+    same_device(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+    bases(U_s, V_s, "_s")
+    bases(U_t, V_t, "_t")
+    same_rank(U_s=U_s, U_t=U_t)
+    same_dtype(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+
+
+def mismatch_args(dW_s, U_s, V_s, U_t, V_t) -> None:
+    """§4.2.2: a source update, its bases, and target bases of the same rank."""
+    same_device(dW_s=dW_s, U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+    matrix("dW_s", dW_s)
+    bases(U_s, V_s, "_s", *dW_s.shape)
+    bases(U_t, V_t, "_t")
+    same_rank(U_s=U_s, U_t=U_t)
+    same_dtype(dW_s=dW_s, U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+
+
+def similarity_args(U_a, U_b) -> None:
+    """Eq. (4): two bases of one space."""
+    same_device(U_a=U_a, U_b=U_b)
+    basis("U_a", U_a)
+    basis("U_b", U_b, rows=U_a.shape[0])
+    same_dtype(U_a=U_a, U_b=U_b)
+
+
+def lora_args(B, A, U_t, V_t) -> None:
+    """Eq. (3) low-rank form: LoRA factors ``B (m, k)``, ``A (k, n)`` and target bases of that layer."""
+    same_device(B=B, A=A, U_t=U_t, V_t=V_t)
+    matrix("B", B)
+    matrix("A", A)
+    if B.shape[1] != A.shape[0]:
+        raise LoraxInputError(f"LoRA factors do not chain: B is {tuple(B.shape)} and A is {tuple(A.shape)} (need B (m, k), A (k, n))")
+    bases(U_t, V_t, "_t", B.shape[0], A.shape[1])
+    same_dtype(B=B, A=A, U_t=U_t, V_t=V_t)

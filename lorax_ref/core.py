@@ -21,7 +21,10 @@ symbol                 meaning                                                 s
 
 Every function works on any device and float dtype, checks its inputs (shape, NaN/Inf, rank,
 orthonormal bases, one device, one dtype) and raises :class:`~lorax_ref.errors.LoraxInputError`
-naming the problem. Nothing is broadcast, padded or cropped.
+naming the problem. Nothing is broadcast, padded or cropped. The checks are kept out of the formulas:
+each equation is decorated with its argument check (:func:`lorax_ref.checks.checked`), so its body is the
+formula alone, and an equation that uses another calls that one's body (``project.unchecked``) on inputs
+it has already checked.
 """
 from __future__ import annotations
 
@@ -30,15 +33,9 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from . import checks
+from .checks import as_full_sigma, checked
 from .errors import LoraxInputError
-from .linalg import energy_ratio, spectrum_warnings, svd_topk
-
-
-def _bases(U: torch.Tensor, V: torch.Tensor, suffix: str, m: int | None = None, n: int | None = None) -> int:
-    """Check a pair of bases ``U (m, r)``, ``V (n, r)`` of one layer; returns r."""
-    checks.basis("U" + suffix, U, rows=m)
-    checks.basis("V" + suffix, V, rows=n)
-    return checks.same_rank(**{"U" + suffix: U, "V" + suffix: V})
+from .linalg import energy_ratio, spectrum_warnings, svd_fits, svd_topk
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -46,6 +43,7 @@ def _bases(U: torch.Tensor, V: torch.Tensor, suffix: str, m: int | None = None, 
 # ---------------------------------------------------------------------------------------------------
 
 
+@checked(checks.delta_args)
 def lorax_delta(U_s: torch.Tensor, dSigma_s: torch.Tensor, V_s: torch.Tensor) -> torch.Tensor:
     r"""Eq. (1) — the LoRA-X update of a source layer.
 
@@ -54,15 +52,10 @@ def lorax_delta(U_s: torch.Tensor, dSigma_s: torch.Tensor, V_s: torch.Tensor) ->
     Only :math:`\Delta\Sigma_s` is trained; a diagonal ``dSigma_s (r,)`` fine-tunes the top-r singular
     values (r parameters per layer, against ``r_lora·(m+n)`` for a LoRA).
     """
-    checks.same_device(U_s=U_s, dSigma_s=dSigma_s, V_s=V_s)
-    r = _bases(U_s, V_s, "_s")
-    checks.sigma("dSigma_s", dSigma_s, r)
-    checks.same_dtype(U_s=U_s, dSigma_s=dSigma_s, V_s=V_s)
-    if dSigma_s.ndim == 1:
-        return (U_s * dSigma_s) @ V_s.T  # (m, r)·diag(r) @ (r, n) -> (m, n)
-    return U_s @ dSigma_s @ V_s.T  # (m, r) @ (r, r) @ (r, n) -> (m, n)
+    return U_s @ as_full_sigma(dSigma_s) @ V_s.T  # (m, r) @ (r, r) @ (r, n) -> (m, n)
 
 
+@checked(checks.projection_args)
 def project(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     r"""Eq. (2) — a LoRA-X update is a fixed point of the source's two-sided projection (computed here).
 
@@ -75,13 +68,8 @@ def project(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     it has outside the subspace is what a transfer loses. Computed as ``U (Uᵀ dW V) Vᵀ`` so the
     ``(m, m)`` and ``(n, n)`` projectors are never formed.
     """
-    checks.same_device(dW=dW, U=U, V=V)
-    checks.matrix("dW", dW)
-    m, n = dW.shape
-    _bases(U, V, "", m, n)
-    checks.same_dtype(dW=dW, U=U, V=V)
-    core = U.T @ dW @ V  # (r, m) @ (m, n) @ (n, r) -> (r, r)
-    return U @ core @ V.T  # (m, r) @ (r, r) @ (r, n) -> (m, n)
+    C = U.T @ dW @ V  # (r, m) @ (m, n) @ (n, r) -> (r, r)
+    return U @ C @ V.T  # (m, r) @ (r, r) @ (r, n) -> (m, n)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,6 +77,7 @@ def project(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 
+@checked(checks.same_dim_args)
 def transfer_same_dim(dW_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor) -> torch.Tensor:
     r"""Eq. (3) — projection form: transfer onto a target layer of the same shape.
 
@@ -97,19 +86,11 @@ def transfer_same_dim(dW_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor) 
     The source bases enter only through ``dW_s`` (Eq. (1)). Needs ``m_s = m_t`` and ``n_s = n_t``;
     other shapes raise (use :func:`transfer_mismatch`), they are never broadcast, padded or cropped.
     """
-    checks.same_device(dW_s=dW_s, U_t=U_t, V_t=V_t)
-    checks.matrix("dW_s", dW_s)
-    _bases(U_t, V_t, "_t")  # a Vh passed as V is named as such before shapes are compared
-    m, n = dW_s.shape
-    m_t, n_t = U_t.shape[0], V_t.shape[0]
-    if (m, n) != (m_t, n_t):
-        raise LoraxInputError(
-            f"same-dimension transfer (Eq. (3)) needs the target layer to have the source shape: dW_s is "
-            f"{m}x{n} but U_t, V_t describe a {m_t}x{n_t} layer; use transfer_mismatch (§4.2.2) for different shapes"
-        )
-    return project(dW_s, U_t, V_t)  # (m, n)
+    dSigma_ts = U_t.T @ dW_s @ V_t  # (r, m) @ (m, n) @ (n, r) -> (r, r)
+    return U_t @ dSigma_ts @ V_t.T  # (m, r) @ (r, r) @ (r, n) -> (m, n)
 
 
+@checked(checks.rotation_args)
 def transferred_sigma(
     U_t: torch.Tensor, U_s: torch.Tensor, dSigma_s: torch.Tensor, V_s: torch.Tensor, V_t: torch.Tensor
 ) -> torch.Tensor:
@@ -122,16 +103,12 @@ def transferred_sigma(
     The result is a full r×r matrix even when ``dSigma_s`` is diagonal; ``U_t @ dSigma_ts @ V_t.T``
     equals :func:`transfer_same_dim` of the Eq. (1) update.
     """
-    checks.same_device(U_t=U_t, U_s=U_s, dSigma_s=dSigma_s, V_s=V_s, V_t=V_t)
-    r_s = _bases(U_s, V_s, "_s")
-    _bases(U_t, V_t, "_t", U_s.shape[0], V_s.shape[0])
-    checks.sigma("dSigma_s", dSigma_s, r_s)
-    checks.same_dtype(U_t=U_t, U_s=U_s, dSigma_s=dSigma_s, V_s=V_s, V_t=V_t)
     R_u = U_t.T @ U_s  # (r_t, m) @ (m, r_s) -> (r_t, r_s)
     R_v = V_s.T @ V_t  # (r_s, n) @ (n, r_t) -> (r_s, r_t)
-    return R_u @ checks.as_full_sigma(dSigma_s) @ R_v  # (r_t, r_s) @ (r_s, r_s) @ (r_s, r_t) -> (r_t, r_t)
+    return R_u @ as_full_sigma(dSigma_s) @ R_v  # (r_t, r_s) @ (r_s, r_s) @ (r_s, r_t) -> (r_t, r_t)
 
 
+@checked(checks.copy_args)
 def copy_sigma_transfer(U_t: torch.Tensor, dSigma_s: torch.Tensor, V_t: torch.Tensor) -> torch.Tensor:
     r"""Table 5 ablation — copy :math:`\Delta\Sigma_s` into the target bases without rotating it.
 
@@ -141,11 +118,7 @@ def copy_sigma_transfer(U_t: torch.Tensor, dSigma_s: torch.Tensor, V_t: torch.Te
     reports a large quality drop against Eq. (3). For a full ``dSigma_s`` the result depends on the sign
     convention of the bases (see :func:`lorax_ref.linalg.sign_convention`).
     """
-    checks.same_device(U_t=U_t, dSigma_s=dSigma_s, V_t=V_t)
-    r = _bases(U_t, V_t, "_t")
-    checks.sigma("dSigma_s", dSigma_s, r)
-    checks.same_dtype(U_t=U_t, dSigma_s=dSigma_s, V_t=V_t)
-    return U_t @ checks.as_full_sigma(dSigma_s) @ V_t.T  # (m_t, r) @ (r, r) @ (r, n_t) -> (m_t, n_t)
+    return U_t @ as_full_sigma(dSigma_s) @ V_t.T  # (m_t, r) @ (r, r) @ (r, n_t) -> (m_t, n_t)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,6 +126,7 @@ def copy_sigma_transfer(U_t: torch.Tensor, dSigma_s: torch.Tensor, V_t: torch.Te
 # ---------------------------------------------------------------------------------------------------
 
 
+@checked(checks.alignment_args)
 def alignment_maps(
     U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,16 +143,12 @@ def alignment_maps(
     Returns:
         ``P (m_t, m_s)``, ``Q (n_t, n_s)``.
     """
-    checks.same_device(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
-    _bases(U_s, V_s, "_s")
-    _bases(U_t, V_t, "_t")
-    checks.same_rank(U_s=U_s, U_t=U_t)
-    checks.same_dtype(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
     P = U_t @ U_s.T  # (m_t, r) @ (r, m_s) -> (m_t, m_s);  Ū_s⁺ = Ū_sᵀ for orthonormal columns
     Q = V_t @ V_s.T  # (n_t, r) @ (r, n_s) -> (n_t, n_s)
     return P, Q
 
 
+@checked(checks.mismatch_args)
 def transfer_mismatch(
     dW_s: torch.Tensor, U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
 ) -> torch.Tensor:
@@ -194,12 +164,7 @@ def transfer_mismatch(
     shapes happen to match. It is meaningful when the target is (close to) an isometric embedding of the
     source with separated singular values. Written out in full, not simplified, so each step can be read.
     """
-    checks.same_device(dW_s=dW_s, U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
-    checks.matrix("dW_s", dW_s)
-    m_s, n_s = dW_s.shape
-    _bases(U_s, V_s, "_s", m_s, n_s)
-    checks.same_dtype(dW_s=dW_s, U_s=U_s)
-    P, Q = alignment_maps(U_s, V_s, U_t, V_t)  # (m_t, m_s), (n_t, n_s)
+    P, Q = alignment_maps.unchecked(U_s, V_s, U_t, V_t)  # (m_t, m_s), (n_t, n_s)
     U_al = P @ U_s  # (m_t, m_s) @ (m_s, r) -> (m_t, r)   aligned Ũ_s
     V_al = Q @ V_s  # (n_t, n_s) @ (n_s, r) -> (n_t, r)   aligned Ṽ_s
     C_s = U_s.T @ dW_s @ V_s  # (r, m_s) @ (m_s, n_s) @ (n_s, r) -> (r, r)
@@ -212,6 +177,7 @@ def transfer_mismatch(
 # ---------------------------------------------------------------------------------------------------
 
 
+@checked(checks.similarity_args)
 def subspace_similarity(U_a: torch.Tensor, U_b: torch.Tensor) -> float:
     r"""Eq. (4) — how much two r-dimensional subspaces overlap.
 
@@ -221,10 +187,6 @@ def subspace_similarity(U_a: torch.Tensor, U_b: torch.Tensor) -> float:
     and identically 1 when r = m (so truncation is mandatory). Apply it to left (U) or right (V) bases.
     If the ranks differ, r = min(r_a, r_b), which keeps Φ in [0, 1] and symmetric.
     """
-    checks.same_device(U_a=U_a, U_b=U_b)
-    checks.basis("U_a", U_a)
-    checks.basis("U_b", U_b, rows=U_a.shape[0])
-    checks.same_dtype(U_a=U_a, U_b=U_b)
     r = min(U_a.shape[1], U_b.shape[1])
     cross = (U_a.T @ U_b).double()  # (r_a, m) @ (m, r_b) -> (r_a, r_b), summed in float64
     return float(cross.pow(2).sum()) / r
@@ -235,6 +197,7 @@ def subspace_similarity(U_a: torch.Tensor, U_b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------------
 
 
+@checked(checks.lora_args)
 def transfer_lora(
     B: torch.Tensor, A: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,14 +208,6 @@ def transfer_lora(
     The LoRA rank is kept and no ``(m, n)`` matrix is formed. Any LoRA scaling (α/r) stays with the
     caller: apply it to ``B`` or to the product.
     """
-    checks.same_device(B=B, A=A, U_t=U_t, V_t=V_t)
-    checks.matrix("B", B)
-    checks.matrix("A", A)
-    if B.shape[1] != A.shape[0]:
-        raise LoraxInputError(f"LoRA factors do not chain: B is {tuple(B.shape)} and A is {tuple(A.shape)} (need B (m, k), A (k, n))")
-    m, n = B.shape[0], A.shape[1]
-    _bases(U_t, V_t, "_t", m, n)
-    checks.same_dtype(B=B, A=A, U_t=U_t, V_t=V_t)
     B_t = U_t @ (U_t.T @ B)  # (m, r) @ ((r, m) @ (m, k)) -> (m, k)
     A_t = (A @ V_t) @ V_t.T  # ((k, n) @ (n, r)) @ (r, n) -> (k, n)
     return B_t, A_t
@@ -278,11 +233,20 @@ class TransferReport:
     warnings: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
+        """The report as a plain dict (JSON-ready)."""
         return asdict(self)
 
 
+#: The gate's sides (:func:`transfer_layer`'s ``side``) and the transfer rules (its ``method``).
 SIDES = ("u", "v", "both", "mean")
 METHODS = ("auto", "lorax", "copy", "mismatch")
+
+
+def transfer_case(method: str, shape_s: tuple, shape_t: tuple) -> str:
+    """The rule a ``method`` applies to a layer pair: ``"same_dim"`` (Eq. (3)), ``"mismatch"`` (§4.2.2) or
+    ``"copy"`` (Table 5); ``"auto"`` picks Eq. (3) for equal shapes and §4.2.2 otherwise."""
+    auto = "same_dim" if tuple(shape_s) == tuple(shape_t) else "mismatch"
+    return {"auto": auto, "lorax": "same_dim"}.get(method, method)
 
 
 def _gate_phi(phi_u: float | None, phi_v: float | None, side: str) -> float | None:
@@ -297,6 +261,63 @@ def _gate_phi(phi_u: float | None, phi_v: float | None, side: str) -> float | No
     return min(present) if side == "both" else sum(present) / len(present)
 
 
+def _check_options(side: str, method: str, shape_s: tuple, shape_t: tuple) -> None:
+    if side not in SIDES:
+        raise LoraxInputError(f"side={side!r} is not one of {SIDES}")
+    if method not in METHODS:
+        raise LoraxInputError(f"method={method!r} is not one of {METHODS}")
+    if method == "lorax" and shape_s != shape_t:
+        raise LoraxInputError(
+            f"method='lorax' (Eq. (3)) needs equal shapes, got source {shape_s} and target "
+            f"{shape_t}; use method='auto' or 'mismatch' (§4.2.2)"
+        )
+
+
+def _check_gate(threshold: float | None, side: str, shape_s: tuple, shape_t: tuple) -> None:
+    """A gate needs Φ on its side, and Eq. (4) exists only on a side where the dimensions agree."""
+    same = (shape_s[0] == shape_t[0], shape_s[1] == shape_t[1])
+    has_phi = {"u": same[0], "v": same[1]}.get(side, any(same))
+    if threshold is not None and not has_phi:
+        raise LoraxInputError(
+            f"cannot gate with side={side!r}: Eq. (4) needs equal dimensions on that side, but the source is "
+            f"{shape_s} and the target {shape_t}"
+        )
+
+
+def _check_from_bases(dW_s, U_s, V_s, U_t, V_t, threshold, side, method) -> dict:
+    checks.same_device(dW_s=dW_s, U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+    checks.matrix("dW_s", dW_s)
+    checks.bases(U_s, V_s, "_s", *dW_s.shape)
+    checks.bases(U_t, V_t, "_t")
+    checks.same_rank(U_s=U_s, U_t=U_t)
+    checks.same_dtype(dW_s=dW_s, U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+    threshold = checks.threshold(threshold)
+    shape_s, shape_t = (U_s.shape[0], V_s.shape[0]), (U_t.shape[0], V_t.shape[0])
+    _check_options(side, method, shape_s, shape_t)
+    _check_gate(threshold, side, shape_s, shape_t)
+    return {"threshold": threshold}
+
+
+def _check_layer(dW_s, W_s, W_t, r, threshold, side, method) -> dict:
+    checks.same_device(dW_s=dW_s, W_s=W_s, W_t=W_t)
+    for name, x in (("dW_s", dW_s), ("W_s", W_s), ("W_t", W_t)):
+        checks.matrix(name, x, check_finite=False)
+    checks.same_dtype(dW_s=dW_s, W_s=W_s, W_t=W_t)
+    if dW_s.shape != W_s.shape:
+        raise LoraxInputError(f"dW_s {tuple(dW_s.shape)} does not match its base weight W_s {tuple(W_s.shape)}")
+    _check_options(side, method, tuple(W_s.shape), tuple(W_t.shape))
+    checks.rank(r, *W_s.shape, name="r (source)")
+    checks.rank(r, *W_t.shape, name="r (target)")
+    threshold = checks.threshold(threshold)  # before the SVDs
+    _check_gate(threshold, side, tuple(W_s.shape), tuple(W_t.shape))
+    for name, W in (("W_s", W_s), ("W_t", W_t)):
+        svd_fits(name, W)  # refused before any NaN scan or allocation
+    for name, x in (("dW_s", dW_s), ("W_s", W_s), ("W_t", W_t)):
+        checks.finite(name, x)
+    return {"threshold": threshold}
+
+
+@checked(_check_layer)
 def transfer_layer(
     dW_s: torch.Tensor,
     W_s: torch.Tensor,
@@ -323,39 +344,17 @@ def transfer_layer(
     Returns:
         ``dW_t (m_t, n_t)`` in ``dW_s``'s dtype and a :class:`TransferReport`.
     """
-    checks.same_device(dW_s=dW_s, W_s=W_s, W_t=W_t)
-    for name, x in (("dW_s", dW_s), ("W_s", W_s), ("W_t", W_t)):
-        checks.matrix(name, x)
-    checks.same_dtype(dW_s=dW_s, W_s=W_s, W_t=W_t)
-    if dW_s.shape != W_s.shape:
-        raise LoraxInputError(f"dW_s {tuple(dW_s.shape)} does not match its base weight W_s {tuple(W_s.shape)}")
-    _check_options(side, method, tuple(W_s.shape), tuple(W_t.shape))
-    checks.rank(r, *W_s.shape, name="r (source)")
-    checks.rank(r, *W_t.shape, name="r (target)")
-    threshold = checks.threshold(threshold)  # before the SVDs
-    warnings = []
-    bases = []
+    warnings, bases = [], []
     for name, W in (("W_s", W_s), ("W_t", W_t)):
         k = min(r + 1, *W.shape)  # one more value than kept: σ_{r+1} tells whether the top-r subspace is unique
-        U, S, V = svd_topk(W, k)  # (m, k), (k,), (n, k); the first r columns are svd_topk(W, r)
+        U, S, V = svd_topk.unchecked(W, k)  # (m, k), (k,), (n, k); the first r columns are svd_topk(W, r)
         warnings += spectrum_warnings(name, S[:r], float(S[r]) if k > r else None, tuple(W.shape), W.dtype)
         bases += [U[:, :r].contiguous(), V[:, :r].contiguous()]  # (m, r), (n, r)
-    dW_t, report = transfer_layer_from_bases(dW_s, *bases, threshold=threshold, side=side, method=method)
+    dW_t, report = transfer_layer_from_bases.unchecked(dW_s, *bases, threshold, side, method)
     return dW_t, replace(report, warnings=tuple(warnings))
 
 
-def _check_options(side: str, method: str, shape_s: tuple, shape_t: tuple) -> None:
-    if side not in SIDES:
-        raise LoraxInputError(f"side={side!r} is not one of {SIDES}")
-    if method not in METHODS:
-        raise LoraxInputError(f"method={method!r} is not one of {METHODS}")
-    if method == "lorax" and shape_s != shape_t:
-        raise LoraxInputError(
-            f"method='lorax' (Eq. (3)) needs equal shapes, got source {shape_s} and target "
-            f"{shape_t}; use method='auto' or 'mismatch' (§4.2.2)"
-        )
-
-
+@checked(_check_from_bases)
 def transfer_layer_from_bases(
     dW_s: torch.Tensor,
     U_s: torch.Tensor,
@@ -367,46 +366,24 @@ def transfer_layer_from_bases(
     method: str = "auto",
 ) -> tuple[torch.Tensor, TransferReport]:
     """:func:`transfer_layer` with the top-r bases given (e.g. from an on-disk cache): steps 2-4."""
-    checks.same_device(dW_s=dW_s, U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
-    checks.matrix("dW_s", dW_s)
-    r = _bases(U_s, V_s, "_s", *dW_s.shape)
-    _bases(U_t, V_t, "_t")
-    checks.same_rank(U_s=U_s, U_t=U_t)
-    threshold = checks.threshold(threshold)
     shape_s, shape_t = (U_s.shape[0], V_s.shape[0]), (U_t.shape[0], V_t.shape[0])
-    _check_options(side, method, shape_s, shape_t)
-    phi_u = subspace_similarity(U_s, U_t) if shape_s[0] == shape_t[0] else None  # Eq. (4), left
-    phi_v = subspace_similarity(V_s, V_t) if shape_s[1] == shape_t[1] else None  # Eq. (4), right
+    phi_u = subspace_similarity.unchecked(U_s, U_t) if shape_s[0] == shape_t[0] else None  # Eq. (4), left
+    phi_v = subspace_similarity.unchecked(V_s, V_t) if shape_s[1] == shape_t[1] else None  # Eq. (4), right
     phi = _gate_phi(phi_u, phi_v, side)
-    if threshold is not None and phi is None:
-        raise LoraxInputError(
-            f"cannot gate with side={side!r}: Eq. (4) needs equal dimensions on that side, but the source is "
-            f"{shape_s} and the target {shape_t}"
-        )
-
-    case = {"auto": "same_dim" if shape_s == shape_t else "mismatch", "lorax": "same_dim"}.get(method, method)
     gated = threshold is not None and phi < threshold
+    case = transfer_case(method, shape_s, shape_t)
     if gated:
         dW_t = torch.zeros(shape_t, dtype=dW_s.dtype, device=dW_s.device)  # (m_t, n_t)
     elif case == "same_dim":
-        dW_t = transfer_same_dim(dW_s, U_t, V_t)  # (m, n)  Eq. (3)
+        dW_t = transfer_same_dim.unchecked(dW_s, U_t, V_t)  # (m, n)  Eq. (3)
     elif case == "mismatch":
-        dW_t = transfer_mismatch(dW_s, U_s, V_s, U_t, V_t)  # (m_t, n_t)  §4.2.2
+        dW_t = transfer_mismatch.unchecked(dW_s, U_s, V_s, U_t, V_t)  # (m_t, n_t)  §4.2.2
     else:
         C_s = U_s.T @ dW_s @ V_s  # (r, m_s) @ (m_s, n_s) @ (n_s, r) -> (r, r)
-        dW_t = copy_sigma_transfer(U_t, C_s, V_t)  # (m_t, n_t)  Table 5 ablation
-
+        dW_t = copy_sigma_transfer.unchecked(U_t, C_s, V_t)  # (m_t, n_t)  Table 5 ablation
     report = TransferReport(
-        case=case,
-        r=r,
-        shape_s=shape_s,
-        shape_t=shape_t,
-        phi_u=phi_u,
-        phi_v=phi_v,
-        phi=phi,
-        side=side,
-        threshold=threshold,
-        gated=bool(gated),
+        case=case, r=U_s.shape[1], shape_s=shape_s, shape_t=shape_t, phi_u=phi_u, phi_v=phi_v, phi=phi,
+        side=side, threshold=threshold, gated=bool(gated),
         kept_energy=energy_ratio(dW_t, dW_s),  # scale-safe: ‖1e200·x‖² overflows float64
     )
     return dW_t, report

@@ -22,6 +22,7 @@ import math
 import torch
 
 from . import checks
+from .checks import checked
 from .errors import LoraxInputError
 
 
@@ -102,10 +103,26 @@ def sign_convention(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, tor
     return U * signs, V * signs  # (m, r), (n, r)
 
 
+def svd_fits(name: str, W: torch.Tensor) -> None:
+    """Refuse the SVD of ``W`` before anything is allocated when its buffers exceed the free memory."""
+    m, n = W.shape
+    work_dtype = _compute_dtype(W.dtype)
+    checks.fits_in_memory(f"the SVD of a {m}x{n} {str(work_dtype).replace('torch.', '')} matrix {name}",
+                          svd_memory(m, n, work_dtype), W.device)
+
+
+def _check_svd(W, r) -> None:
+    checks.matrix("W", W, check_finite=False)
+    checks.rank(r, *W.shape)
+    svd_fits("W", W)  # before the NaN scan: a 1e10-entry view is refused at once
+    checks.finite("W", W)
+
+
+@checked(_check_svd)
 def svd_topk(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Top-r thin SVD: :math:`W \approx \bar U \,\mathrm{diag}(\bar S)\, \bar V^\top`.
 
-    Notation §1: the truncated bases :math:`\bar U_s = U[:, :r]`, :math:`\bar V_s = V[:, :r]` of a base
+    README § Notation: the truncated bases :math:`\bar U_s = U[:, :r]`, :math:`\bar V_s = V[:, :r]` of a base
     weight :math:`W = U \Sigma V^\top` (largest singular values first).
 
     Args:
@@ -115,14 +132,7 @@ def svd_topk(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch
     Returns:
         ``U (m, r)``, ``S (r,)`` descending, ``V (n, r)`` — column-orthonormal bases in ``W``'s dtype.
     """
-    checks.matrix("W", W, check_finite=False)
-    m, n = W.shape
-    checks.rank(r, m, n)
-    work_dtype = _compute_dtype(W.dtype)
-    checks.fits_in_memory(f"the SVD of a {m}x{n} {str(work_dtype).replace('torch.', '')} matrix W",
-                          svd_memory(m, n, work_dtype), W.device)
-    checks.finite("W", W)
-    work = W.to(work_dtype)  # (m, n)
+    work = W.to(_compute_dtype(W.dtype))  # (m, n)
     U, S, Vh = torch.linalg.svd(work, full_matrices=False)  # (m, k), (k,), (k, n)
     U_r, V_r = sign_convention(U[:, :r], Vh[:r].T)  # (m, r), (n, r)
     S_r = S[:r].contiguous().to(W.dtype)  # (r,)

@@ -40,9 +40,10 @@ import torch
 from tqdm import tqdm
 
 from . import checks
+from .checks import checked
 from .files.adapters import AdapterError, LoraLayer
 from .files.transfer import BaseIndex, _plan_layer, transfer_settings
-from .core import _gate_phi, subspace_similarity
+from .core import _gate_phi, subspace_similarity, transfer_case
 from .errors import LoraxInputError
 from .linalg import spectrum_warnings
 
@@ -64,16 +65,36 @@ SAME_SPECTRUM = 1e-4  # relative change of the top-r singular values below which
 # ---------------------------------------------------------------------------------------------------------
 
 
-def overlaps(U_s: torch.Tensor, U_t: torch.Tensor) -> torch.Tensor:
-    r""":math:`a_k = \lVert \bar U_t^\top u_{s,k}\rVert^2` for k = 1..r: the share of the k-th source direction that
-    the target's subspace keeps (``a.mean()`` is Φ of Eq. (4)). Returns ``(r_s,)``."""
+def _check_overlaps(U_s, U_t) -> None:
     checks.same_device(U_s=U_s, U_t=U_t)
     checks.basis("U_s", U_s)
     checks.basis("U_t", U_t, rows=U_s.shape[0])
     checks.same_dtype(U_s=U_s, U_t=U_t)
+
+
+def _check_expected(U_s, V_s, U_t, V_t, diagonal) -> None:
+    _check_overlaps(U_s, U_t)
+    _check_overlaps(V_s, V_t)
+    checks.same_rank(U_s=U_s, V_s=V_s)
+
+
+def _check_four(U_s, V_s, U_t, V_t) -> None:
+    """Top-r bases of a source and a target layer with the same dimensions: one device, one dtype, one rank."""
+    checks.same_device(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+    for name, X, rows in (("U_s", U_s, None), ("V_s", V_s, None), ("U_t", U_t, U_s.shape[0]), ("V_t", V_t, V_s.shape[0])):
+        checks.basis(name, X, rows=rows)
+    checks.same_dtype(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+    checks.same_rank(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
+
+
+@checked(_check_overlaps)
+def overlaps(U_s: torch.Tensor, U_t: torch.Tensor) -> torch.Tensor:
+    r""":math:`a_k = \lVert \bar U_t^\top u_{s,k}\rVert^2` for k = 1..r: the share of the k-th source direction that
+    the target's subspace keeps (``a.mean()`` is Φ of Eq. (4)). Returns ``(r_s,)``."""
     return (U_t.T @ U_s).double().pow(2).sum(0)  # (r_t, m) @ (m, r_s) -> (r_t, r_s) -> (r_s,)
 
 
+@checked(_check_expected)
 def expected_kept_energy(U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor,
                          diagonal: bool = True) -> float:
     r"""Expected kept energy of Eq. (3) for a random LoRA-X update with i.i.d. zero-mean :math:`\Delta\Sigma_s`.
@@ -83,21 +104,17 @@ def expected_kept_energy(U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor
     Both are ratios of expectations :math:`E\lVert R_u\Delta\Sigma R_v\rVert^2 / E\lVert\Delta\Sigma\rVert^2`, and equal
     the expectation of the ratio when the entries are Gaussian.
     """
-    a, b = overlaps(U_s, U_t), overlaps(V_s, V_t)  # (r,), (r,)
-    checks.same_rank(U_s=U_s, V_s=V_s)
+    a, b = overlaps.unchecked(U_s, U_t), overlaps.unchecked(V_s, V_t)  # (r,), (r,)
     if diagonal:
         return float((a * b).mean())
     return float(a.mean() * b.mean())
 
 
+@checked(_check_four)
 def kept_energy_range(U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor) -> tuple[float, float]:
     r"""The least and the most any LoRA-X update can keep through Eq. (3):
     :math:`\big(\sigma_{\min}(R_u)^2\sigma_{\min}(R_v)^2,\ \sigma_{\max}(R_u)^2\sigma_{\max}(R_v)^2\big)`, i.e. the squared
     cosines of the largest and of the smallest principal angles, multiplied over the two sides."""
-    checks.same_device(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
-    for name, X, rows in (("U_s", U_s, None), ("V_s", V_s, None), ("U_t", U_t, U_s.shape[0]), ("V_t", V_t, V_s.shape[0])):
-        checks.basis(name, X, rows=rows)
-    checks.same_rank(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t)
     s_a = torch.linalg.svdvals((U_t.T @ U_s).double())  # (r,) of R_u: cosines of the principal angles, left
     s_b = torch.linalg.svdvals((V_s.T @ V_t).double())  # (r,) of R_v, right
     return float(s_a.min() ** 2 * s_b.min() ** 2), float(s_a.max() ** 2 * s_b.max() ** 2)
@@ -184,6 +201,7 @@ class PredictionRow:
     update_energy: float | None = None  # ‖ΔW_s‖²_F (weights the total)
 
     def as_dict(self) -> dict:
+        """The row as a JSON-ready dict (NaN and Inf become None)."""
         d = dict(asdict(self), warnings=list(self.warnings))
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
@@ -211,20 +229,38 @@ def _verdict(case, phi_u, phi_v, rho_u, rho_v, sigma_diff) -> str:
     return "rotated?" if same_spectrum else "partial"
 
 
-def _predict_one(layer, plan, idx_s, idx_t, sha_s, sha_t, r, threshold, side, method, cache, dev) -> PredictionRow:
+@dataclass(frozen=True)
+class _Run:
+    """What every layer of one prediction shares: the two bases, the settings, the cache and the device."""
+
+    idx_s: BaseIndex
+    idx_t: BaseIndex
+    sha_s: str
+    sha_t: str
+    r: int
+    threshold: float | None
+    side: str
+    method: str
+    cache: object
+    dev: torch.device
+
+
+def _predict_one(layer, plan, run: _Run) -> PredictionRow:
+    """The row of one layer (``layer=None``: a weight without an adapter) under the plan ``_plan_layer`` made."""
     stem_s, stem_t, shape_s, shape_t = plan
-    U_s, S_s, V_s, next_s = cache.bases_and_next(sha_s, stem_s, r, lambda: idx_s.load(stem_s), device=dev)  # (m_s, r), (r,), (n_s, r)
-    U_t, S_t, V_t, next_t = cache.bases_and_next(sha_t, stem_t, r, lambda: idx_t.load(stem_t), device=dev)  # (m_t, r), (r,), (n_t, r)
+    r, dev, bases = run.r, run.dev, run.cache.bases_and_next
+    U_s, S_s, V_s, next_s = bases(run.sha_s, stem_s, r, lambda: run.idx_s.load(stem_s), device=dev)  # (m_s, r), (r,), (n_s, r)
+    U_t, S_t, V_t, next_t = bases(run.sha_t, stem_t, r, lambda: run.idx_t.load(stem_t), device=dev)  # (m_t, r), (r,), (n_t, r)
     warnings = (spectrum_warnings(f"source weight {stem_s!r}", S_s, next_s, shape_s, torch.float64)
                 + spectrum_warnings(f"target weight {stem_t!r}", S_t, next_t, shape_t, torch.float64))
     same_u, same_v = shape_s[0] == shape_t[0], shape_s[1] == shape_t[1]
-    phi_u = subspace_similarity(U_s, U_t) if same_u else None  # Eq. (4), as the transfer computes it
-    phi_v = subspace_similarity(V_s, V_t) if same_v else None
-    phi = _gate_phi(phi_u, phi_v, side)
-    gated = threshold is not None and phi < threshold
-    case = {"auto": "same_dim" if shape_s == shape_t else "mismatch", "lorax": "same_dim"}.get(method, method)
+    phi_u = subspace_similarity.unchecked(U_s, U_t) if same_u else None  # Eq. (4), as the transfer computes it
+    phi_v = subspace_similarity.unchecked(V_s, V_t) if same_v else None  # (bases of svd_topk, digest-checked by the cache)
+    phi = _gate_phi(phi_u, phi_v, run.side)
+    gated = run.threshold is not None and phi < run.threshold
+    case = transfer_case(run.method, shape_s, shape_t)
     if case == "same_dim":
-        a, b = overlaps(U_s, U_t), overlaps(V_s, V_t)  # (r,), (r,)
+        a, b = overlaps.unchecked(U_s, U_t), overlaps.unchecked(V_s, V_t)  # (r,), (r,)
         expected, expected_full = float((a * b).mean()), float(a.mean() * b.mean())
     else:
         expected, expected_full = 1.0, None  # U_t C_s V_tᵀ with C_s = ΔΣ_s: ‖ΔW_t‖ = ‖ΔΣ_s‖
@@ -319,27 +355,32 @@ def predict_transfer(
         layers, fmt_in = adapter.layers, adapter.format
     seen: dict[str, str] = {}
     plans = [_plan_layer(layer, fmt_in, idx_s, idx_t, layer_map, seen, r, method, threshold, side) for layer in layers]
+    run = _Run(idx_s, idx_t, source.sha256, target.sha256, r, threshold, side, method, cache, dev)
     rows = []
     with tqdm(layers, desc="dry run", unit="layer", leave=False, disable=None if progress else True) as bar:
         for layer, plan in zip(bar, plans):
             try:
-                rows.append(_predict_one(None if adapter is None else layer, plan, idx_s, idx_t, source.sha256,
-                                         target.sha256, r, threshold, side, method, cache, dev))
+                rows.append(_predict_one(None if adapter is None else layer, plan, run))
             except LoraxInputError as exc:
                 raise type(exc)(f"layer {layer.module!r}: {exc}") from None
-    info = {
+    return Prediction(rows, _info(adapter, source, target, run, modules, skipped), with_adapter=adapter is not None)
+
+
+def _info(adapter, source, target, run: _Run, modules: str | None, skipped: dict) -> dict:
+    """The header of a prediction's report: inputs, settings, skipped weights, cache use."""
+    cache = run.cache
+    return {
         "tool": "lorax_ref transfer --dry-run",
         "input": None if adapter is None else {"format": adapter.format,
                                                "path": str(adapter.path) if adapter.path else None},
         "source_base": {"path": str(source.path), "sha256": source.sha256},
         "target_base": {"path": str(target.path), "sha256": target.sha256},
-        "settings": {"r": r, "threshold": threshold, "side": side, "method": method, "device": str(dev),
-                     "compute_dtype": "float64", "modules": modules},
+        "settings": {"r": run.r, "threshold": run.threshold, "side": run.side, "method": run.method,
+                     "device": str(run.dev), "compute_dtype": "float64", "modules": modules},
         "skipped": skipped,
         "cache": {"enabled": cache.enabled, "read_only": getattr(cache, "read_only", False), "hits": cache.hits,
                   "misses": cache.misses},
     }
-    return Prediction(rows, info, with_adapter=adapter is not None)
 
 
 def _mean(xs):
@@ -349,11 +390,15 @@ def _mean(xs):
 
 @dataclass
 class Prediction:
+    """The result of :func:`predict_transfer`: one row per layer, the run's settings, and whether an adapter was
+    given (the exact kept energy) or not (the expectation only)."""
+
     rows: list[PredictionRow]
     info: dict
     with_adapter: bool
 
     def summary(self) -> dict:
+        """Counts, means over the layers, the energy-weighted kept energy of the whole update, the recommendation."""
         rows = self.rows
         eq3 = [row for row in rows if row.case == "same_dim"]
         total = None
@@ -420,6 +465,7 @@ class Prediction:
         return "no Eq. (3) layer" + tail.replace("; ", ": ", 1)
 
     def report(self) -> dict:
+        """The JSON report of ``transfer --dry-run``: settings, summary and every row."""
         return {**self.info, "summary": self.summary(), "layers": [row.as_dict() for row in self.rows]}
 
     def table(self) -> str:

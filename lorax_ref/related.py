@@ -6,9 +6,8 @@ r"""Two related closed-form transfer methods, kept apart from the paper's equati
 * **Cross-LoRA** (Xia et al., arXiv 2508.05232) aligns the source bases to the target ones with the same
   least-squares maps as LoRA-X §4.2.2 and then projects the update onto the aligned bases.
 
-Neither paper released code; both rules are rebuilt from the papers' summaries (see
-``shared/reference/lorax-math.md`` §3) and checked against independent numpy oracles in
-``tests/test_related.py``. None of these functions is in :data:`lorax_ref.EQUATIONS`: they are not LoRA-X.
+Neither paper released code; both rules are rebuilt from the papers' own descriptions (README §
+Provenance) and checked against independent numpy oracles in ``tests/test_related.py``. None of these functions is in :data:`lorax_ref.EQUATIONS`: they are not LoRA-X.
 
 Notation as in :mod:`lorax_ref.core`: column-orthonormal bases ``U (m, r)``, ``V (n, r)``;
 :math:`P_\parallel = UU^\top`, :math:`P_\perp = I - UU^\top` on the left, :math:`Q_\parallel = VV^\top`,
@@ -19,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
+from .checks import checked
 from .core import alignment_maps, project
 from .errors import LoraxInputError
 from .linalg import frob2
@@ -28,26 +28,45 @@ def _layer(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor, suffix: str) -> N
     """Check one layer: an update ``dW (m, n)`` and bases ``U (m, r)``, ``V (n, r)`` of that layer."""
     checks.same_device(**{"dW" + suffix: dW, "U" + suffix: U, "V" + suffix: V})
     checks.matrix("dW" + suffix, dW)
-    m, n = dW.shape
-    checks.basis("U" + suffix, U, rows=m)
-    checks.basis("V" + suffix, V, rows=n)
-    checks.same_rank(**{"U" + suffix: U, "V" + suffix: V})
+    checks.bases(U, V, suffix, *dW.shape)
     checks.same_dtype(**{"dW" + suffix: dW, "U" + suffix: U, "V" + suffix: V})
 
 
-def _same_shape_target(dW_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor, method: str) -> None:
-    """Target bases of a layer with ``dW_s``'s shape (ProLoRA is a same-dimension rule)."""
+def _target(U_t: torch.Tensor, V_t: torch.Tensor, dW_s: torch.Tensor) -> None:
+    """Target bases ``U_t (m_t, r)``, ``V_t (n_t, r)`` on ``dW_s``'s device and dtype."""
     checks.same_device(dW_s=dW_s, U_t=U_t, V_t=V_t)
-    checks.basis("U_t", U_t)
-    checks.basis("V_t", V_t)
-    checks.same_rank(U_t=U_t, V_t=V_t)
+    checks.bases(U_t, V_t, "_t")
     checks.same_dtype(dW_s=dW_s, U_t=U_t, V_t=V_t)
+
+
+def _check_split(dW, U, V) -> None:
+    _layer(dW, U, V, "")
+
+
+def _check_prolora(dW_s, U_s, V_s, U_t, V_t) -> None:
+    """A source layer, and target bases of a layer with ``dW_s``'s shape (ProLoRA is a same-dimension rule)."""
+    _layer(dW_s, U_s, V_s, "_s")
+    _target(U_t, V_t, dW_s)
     m_s, n_s = dW_s.shape
     m_t, n_t = U_t.shape[0], V_t.shape[0]
     if (m_s, n_s) != (m_t, n_t):
         raise LoraxInputError(
-            f"{method} needs the target layer to have the source shape: dW_s is {m_s}x{n_s} but U_t, V_t describe "
+            f"ProLoRA needs the target layer to have the source shape: dW_s is {m_s}x{n_s} but U_t, V_t describe "
             f"a {m_t}x{n_t} layer"
+        )
+
+
+def _check_cross_lora(dW_s, U_s, V_s, U_t, V_t) -> None:
+    _layer(dW_s, U_s, V_s, "_s")
+    _target(U_t, V_t, dW_s)
+    checks.same_rank(U_s=U_s, U_t=U_t)
+    m_s, n_s = dW_s.shape
+    m_t, n_t = U_t.shape[0], V_t.shape[0]
+    if (m_t, n_t) != (m_s, n_s):
+        raise LoraxInputError(
+            f"Cross-LoRA's projection is ill-typed across shapes: the aligned bases live in the {m_t}x"
+            f"{n_t} target layer but dW_s is {m_s}x{n_s}, so Ũ_sᵀ ΔW_s cannot be formed; use "
+            f"lorax_ref.transfer_mismatch (§4.2.2), which is what P̂ ΔW_s Q̂ᵀ computes"
         )
 
 
@@ -56,6 +75,7 @@ def _same_shape_target(dW_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor,
 # ---------------------------------------------------------------------------------------------------
 
 
+@checked(_check_split)
 def subspace_split(
     dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -72,7 +92,6 @@ def subspace_split(
     Returns:
         ``(dW_pp, dW_pn, dW_np, dW_nn)``, each ``(m, n)``: ∥∥, ∥⊥, ⊥∥, ⊥⊥ (left index first).
     """
-    _layer(dW, U, V, "")
     left = U @ (U.T @ dW)  # (m, r) @ ((r, m) @ (m, n)) -> (m, n)   P_∥ ΔW
     dW_pp = (left @ V) @ V.T  # ((m, n) @ (n, r)) @ (r, n) -> (m, n)   P_∥ ΔW Q_∥
     dW_pn = left - dW_pp  # (m, n)   P_∥ ΔW Q_⊥
@@ -82,6 +101,7 @@ def subspace_split(
     return dW_pp, dW_pn, dW_np, dW_nn
 
 
+@checked(_check_split)
 def null_project(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     r"""Two-sided projection onto the orthogonal complements ("null spaces") of ``U`` and ``V``.
 
@@ -89,9 +109,10 @@ def null_project(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Te
 
     The complement of :func:`lorax_ref.project` (Eq. (2)); it is zero for a LoRA-X update.
     """
-    return subspace_split(dW, U, V)[3]  # (m, n)
+    return subspace_split.unchecked(dW, U, V)[3]  # (m, n)
 
 
+@checked(_check_split)
 def cross_term_energy(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> float:
     r"""The energy of the two cross terms that ProLoRA's split drops.
 
@@ -101,10 +122,11 @@ def cross_term_energy(dW: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> flo
 
     When the target equals the source, this is exactly :math:`\lVert \Delta W - \Delta W_{\text{ProLoRA}}\rVert_F^2`.
     """
-    _, dW_pn, dW_np, _ = subspace_split(dW, U, V)  # (m, n) each
+    _, dW_pn, dW_np, _ = subspace_split.unchecked(dW, U, V)  # (m, n) each
     return frob2(dW_pn) + frob2(dW_np)
 
 
+@checked(_check_prolora)
 def prolora_transfer(
     dW_s: torch.Tensor, U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
 ) -> torch.Tensor:
@@ -118,11 +140,9 @@ def prolora_transfer(
     Q^s_\parallel` are dropped (:func:`cross_term_energy`). For a LoRA-X update the null part is zero and the
     rule is Eq. (3). Same-dimension layers only; different shapes raise.
     """
-    _layer(dW_s, U_s, V_s, "_s")
-    _same_shape_target(dW_s, U_t, V_t, "ProLoRA")
-    dW_pp, _, _, dW_nn = subspace_split(dW_s, U_s, V_s)  # (m, n) each: source subspace and null parts
-    par = project(dW_pp, U_t, V_t)  # (m, n)   P^t_∥ (·) Q^t_∥
-    null = null_project(dW_nn, U_t, V_t)  # (m, n)   P^t_⊥ (·) Q^t_⊥
+    dW_pp, _, _, dW_nn = subspace_split.unchecked(dW_s, U_s, V_s)  # (m, n) each: source subspace and null parts
+    par = project.unchecked(dW_pp, U_t, V_t)  # (m, n)   P^t_∥ (·) Q^t_∥
+    null = null_project.unchecked(dW_nn, U_t, V_t)  # (m, n)   P^t_⊥ (·) Q^t_⊥
     return par + null  # (m, n)
 
 
@@ -131,6 +151,7 @@ def prolora_transfer(
 # ---------------------------------------------------------------------------------------------------
 
 
+@checked(checks.alignment_args)
 def cross_lora_alignment(
     U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,10 +167,11 @@ def cross_lora_alignment(
     Returns:
         ``U_al (m_t, r)``, ``V_al (n_t, r)``.
     """
-    P, Q = alignment_maps(U_s, V_s, U_t, V_t)  # (m_t, m_s), (n_t, n_s)
+    P, Q = alignment_maps.unchecked(U_s, V_s, U_t, V_t)  # (m_t, m_s), (n_t, n_s)
     return P @ U_s, Q @ V_s  # (m_t, m_s) @ (m_s, r) -> (m_t, r);  (n_t, r)
 
 
+@checked(_check_cross_lora)
 def cross_lora_transfer(
     dW_s: torch.Tensor, U_s: torch.Tensor, V_s: torch.Tensor, U_t: torch.Tensor, V_t: torch.Tensor
 ) -> torch.Tensor:
@@ -162,14 +184,6 @@ def cross_lora_transfer(
     so this raises. (The only well-typed reading, :math:`\hat P \Delta W_s \hat Q^\top = U_t C_s V_t^\top`, is
     the §4.2.2 rule :func:`lorax_ref.transfer_mismatch`.)
     """
-    _layer(dW_s, U_s, V_s, "_s")
-    m_s, n_s = dW_s.shape
-    U_al, V_al = cross_lora_alignment(U_s, V_s, U_t, V_t)  # (m_t, r), (n_t, r)
-    if (U_al.shape[0], V_al.shape[0]) != (m_s, n_s):
-        raise LoraxInputError(
-            f"Cross-LoRA's projection is ill-typed across shapes: the aligned bases live in the {U_al.shape[0]}x"
-            f"{V_al.shape[0]} target layer but dW_s is {m_s}x{n_s}, so Ũ_sᵀ ΔW_s cannot be formed; use "
-            f"lorax_ref.transfer_mismatch (§4.2.2), which is what P̂ ΔW_s Q̂ᵀ computes"
-        )
+    U_al, V_al = cross_lora_alignment.unchecked(U_s, V_s, U_t, V_t)  # (m_t, r), (n_t, r)
     core = U_al.T @ dW_s @ V_al  # (r, m) @ (m, n) @ (n, r) -> (r, r)
     return U_al @ core @ V_al.T  # (m, r) @ (r, r) @ (r, n) -> (m, n)

@@ -3,7 +3,7 @@ transfer and against numpy, through the real command line, on the packaged pairs
 dry run writes nothing and fails like the transfer does.
 
 Oracles: numpy's SVD of the weights as written (bases), ΔW from the PEFT / LoRA-X definitions in numpy, the
-report the real ``transfer`` writes, and Monte Carlo for the expectations.
+report the real ``transfer`` writes, and Monte Carlo for the expectations (docs/identities.md §12).
 """
 from __future__ import annotations
 

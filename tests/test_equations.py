@@ -1,4 +1,4 @@
-"""Property tests for every identity of lorax-math.md §5, with independent oracles.
+"""Property tests for every identity of docs/identities.md §1-§10, with independent oracles.
 
 Expected values come from numpy/scipy computed separately (np.linalg.svd bases, explicit projectors,
 scipy.linalg.subspace_angles / pinv / orthogonal_procrustes, np.linalg.lstsq), never from lorax_ref.
@@ -111,7 +111,7 @@ def test_eq1_lorax_delta_matches_numpy(case):
 
 @given(cases())
 def test_eq2_lorax_update_is_a_fixed_point_of_the_source_projector(case):
-    """§5.1: ŪŪᵀ ΔW_s V̄V̄ᵀ = ΔW_s for every LoRA-X update (oracle: numpy's projectors)."""
+    """docs/identities.md §1: ŪŪᵀ ΔW_s V̄V̄ᵀ = ΔW_s for every LoRA-X update (oracle: numpy's projectors)."""
     U_s, V_s = bases(case.W_s, case.r, "cpu")
     dW = L.lorax_delta(U_s, T(case.dSigma_s), V_s)
     U_np, V_np = top_r_bases(case.W_s, case.r)
@@ -138,7 +138,7 @@ def test_eq2_counter_plain_lora_is_not_a_fixed_point(case, k, seed):
 
 @given(cases())
 def test_eq3_both_forms_agree_and_match_numpy(device, case):
-    """§5.2: U_tU_tᵀΔW_sV_tV_tᵀ = U_t ΔΣ_{t←s} V_tᵀ, and both equal numpy's explicit projection."""
+    """docs/identities.md §2: U_tU_tᵀΔW_sV_tV_tᵀ = U_t ΔΣ_{t←s} V_tᵀ, and both equal numpy's explicit projection."""
     U_s, V_s = bases(case.W_s, case.r, device)
     U_t, V_t = bases(case.W_t, case.r, device)
     dSigma_s = T(case.dSigma_s, device)
@@ -155,7 +155,7 @@ def test_eq3_both_forms_agree_and_match_numpy(device, case):
 
 @given(cases(targets=("independent",), full_sigma=False, min_dim=3))
 def test_eq3_transferred_sigma_is_not_diagonal(case):
-    """§5.2: a diagonal ΔΣ_s generally becomes a full ΔΣ_{t←s} (counter-test for 'just copy it')."""
+    """docs/identities.md §2: a diagonal ΔΣ_s generally becomes a full ΔΣ_{t←s} (counter-test for 'just copy it')."""
     assume(case.r >= 2 and case.r < min(case.W_s.shape))
     U_s, V_s = bases(case.W_s, case.r, "cpu")
     U_t, V_t = bases(case.W_t, case.r, "cpu")
@@ -166,7 +166,7 @@ def test_eq3_transferred_sigma_is_not_diagonal(case):
 
 @given(cases(targets=("same",)))
 def test_eq3_target_equal_to_source_is_the_identity(case):
-    """§5.3: ΔW_{s←s} = ΔW_s."""
+    """docs/identities.md §3: ΔW_{s←s} = ΔW_s."""
     U_s, V_s = bases(case.W_s, case.r, "cpu")
     dW_s = L.lorax_delta(U_s, T(case.dSigma_s), V_s)
     U_t, V_t = bases(case.W_t, case.r, "cpu")
@@ -175,7 +175,7 @@ def test_eq3_target_equal_to_source_is_the_identity(case):
 
 @given(cases(), st.floats(-3, 3), st.integers(0, 2**32 - 1))
 def test_eq3_idempotent_and_linear(case, alpha, seed):
-    """§5.4: T(T(x)) = T(x) and T(a x + y) = a T(x) + T(y), for any x (not only LoRA-X updates)."""
+    """docs/identities.md §4: T(T(x)) = T(x) and T(a x + y) = a T(x) + T(y), for any x (not only LoRA-X updates)."""
     m, n = case.W_s.shape
     rng = np.random.default_rng(seed)
     x, y = rng.standard_normal((m, n)), rng.standard_normal((m, n))
@@ -189,7 +189,7 @@ def test_eq3_idempotent_and_linear(case, alpha, seed):
 
 @given(cases(), st.integers(0, 2**32 - 1))
 def test_eq3_never_increases_the_norm(case, seed):
-    """§5.5: ‖ΔW_{t←s}‖_F ≤ ‖ΔW_s‖_F (orthogonal projections), with equality only inside the span."""
+    """docs/identities.md §5: ‖ΔW_{t←s}‖_F ≤ ‖ΔW_s‖_F (orthogonal projections), with equality only inside the span."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(case.W_s.shape)
     U_t, V_t = bases(case.W_t, case.r, "cpu")
@@ -198,7 +198,7 @@ def test_eq3_never_increases_the_norm(case, seed):
 
 @given(cases(), st.integers(0, 2**32 - 1))
 def test_eq3_invariant_to_sign_flips_and_rotations_in_the_target_span(case, seed):
-    """§5.6: ΔW_{t←s} is unchanged; ΔΣ_{t←s} changes as R_uᵀ ΔΣ R_v (D ΔΣ D for sign flips).
+    """docs/identities.md §6: ΔW_{t←s} is unchanged; ΔΣ_{t←s} changes as R_uᵀ ΔΣ R_v (D ΔΣ D for sign flips).
 
     The rotations are recovered from the rotated bases by scipy's orthogonal_procrustes (the oracle).
     """
@@ -222,7 +222,7 @@ def test_eq3_invariant_to_sign_flips_and_rotations_in_the_target_span(case, seed
 
 @given(cases(), st.integers(0, 2**32 - 1))
 def test_eq3_full_rank_side_is_the_identity(case, seed):
-    """§5.7: with r = n (n <= m) V_tV_tᵀ = I, so only the left projector acts (and vice versa)."""
+    """docs/identities.md §7: with r = n (n <= m) V_tV_tᵀ = I, so only the left projector acts (and vice versa)."""
     m, n = case.W_t.shape
     r = min(m, n)
     x = np.random.default_rng(seed).standard_normal((m, n))
@@ -259,7 +259,7 @@ def test_copy_baseline_matches_numpy(case):
 
 @given(cases(same_shape=False))
 def test_sec422_alignment_maps_against_pinv_and_lstsq(case):
-    """§5.8: P̂ is m_t×m_s, fits exactly (P̂Ū_s = U_t) and equals U_t·pinv(Ū_s) and numpy's lstsq."""
+    """docs/identities.md §8: P̂ is m_t×m_s, fits exactly (P̂Ū_s = U_t) and equals U_t·pinv(Ū_s) and numpy's lstsq."""
     U_s, V_s = bases(case.W_s, case.r, "cpu")
     U_t, V_t = bases(case.W_t, case.r, "cpu")
     P, Q = L.alignment_maps(U_s, V_s, U_t, V_t)
@@ -276,7 +276,7 @@ def test_sec422_alignment_maps_against_pinv_and_lstsq(case):
 
 @given(cases(same_shape=False), st.integers(0, 2**32 - 1))
 def test_sec422_mismatch_rule_equals_the_copy_baseline(case, seed):
-    """§5.8: with the exact fit, ΔΣ_{t←s} = C_s = Ū_sᵀ ΔW_s V̄_s, so the rule is U_t C_s V_tᵀ."""
+    """docs/identities.md §8: with the exact fit, ΔΣ_{t←s} = C_s = Ū_sᵀ ΔW_s V̄_s, so the rule is U_t C_s V_tᵀ."""
     x = np.random.default_rng(seed).standard_normal(case.W_s.shape)  # any update, not only LoRA-X
     U_s, V_s = bases(case.W_s, case.r, "cpu")
     U_t, V_t = bases(case.W_t, case.r, "cpu")
@@ -308,7 +308,7 @@ def oracle_phi(A, B):
 
 @given(cases())
 def test_eq4_similarity_matches_scipy_principal_angles(case):
-    """§5.9: Φ = mean cos²θ, in [0, 1], symmetric; Φ(W, W) = 1."""
+    """docs/identities.md §9: Φ = mean cos²θ, in [0, 1], symmetric; Φ(W, W) = 1."""
     U_s, V_s = bases(case.W_s, case.r, "cpu")
     U_t, V_t = bases(case.W_t, case.r, "cpu")
     for A, B in ((U_s, U_t), (V_s, V_t)):

@@ -1,4 +1,5 @@
-"""Every bad input gets a LoraxInputError whose message names the problem and the offending values."""
+"""Every bad input gets a LoraxInputError whose message names the problem and the offending values
+(docs/identities.md §10)."""
 import math
 import re
 
@@ -278,3 +279,51 @@ def test_ill_posed_but_legal_inputs_are_reported():
     assert len(rep.warnings) == 1 and rep.warnings[0].startswith("W_s has numerical rank 2 < r=3")
     _, rep = L.transfer_layer(dW, W_src, W_tie, 5)  # r = min(m, n): the subspace is everything, no tie to report
     assert rep.warnings == ()
+
+
+def _count_checks(monkeypatch):
+    """Count, per tensor, the NaN/Inf scans and the orthonormality tests that lorax_ref.checks runs."""
+    from collections import Counter
+
+    from lorax_ref import checks
+
+    scans, ortho = Counter(), Counter()
+    finite, basis = checks.finite, checks.basis
+
+    def counted_finite(name, x):
+        scans[id(x)] += 1
+        return finite(name, x)
+
+    def counted_basis(name, U, rows=None):
+        ortho[id(U)] += 1
+        return basis(name, U, rows=rows)
+
+    monkeypatch.setattr(checks, "finite", counted_finite)
+    monkeypatch.setattr(checks, "basis", counted_basis)
+    return scans, ortho
+
+
+def test_inputs_are_checked_once_at_the_boundary(monkeypatch):
+    """A public function checks its arguments once; what it calls inside takes them as checked.
+
+    transfer_layer scans each of dW_s, W_s, W_t for NaN/Inf once and never re-tests the bases its own SVD
+    produced; transfer_layer_from_bases tests each given basis once (Eq. (4), Eq. (3) and §4.2.2 below it
+    do not test them again); an error still names the argument (the counting wrappers call the real checks).
+    """
+    scans, ortho = _count_checks(monkeypatch)
+    dW_t, _ = L.transfer_layer(dW_s, W_s, W_t, 3, threshold=0.0)
+    assert [scans[id(x)] for x in (dW_s, W_s, W_t)] == [1, 1, 1] and not ortho, (scans, ortho)
+    assert torch.allclose(dW_t, L.transfer_same_dim(dW_s, U_t, V_t), rtol=0, atol=1e-12)
+
+    for method, target in (("auto", (U_t, V_t)), ("mismatch", (U_t, V_t)), ("copy", (U_t, V_t)), ("auto", (U_b, V_b))):
+        scans.clear(), ortho.clear()
+        L.transfer_layer_from_bases(dW_s, U_s, V_s, *target, threshold=None, method=method)
+        assert scans[id(dW_s)] == 1 and [ortho[id(x)] for x in (U_s, V_s, *target)] == [1, 1, 1, 1], (method, scans, ortho)
+
+    scans.clear(), ortho.clear()
+    L.transfer_mismatch(dW_s, U_s, V_s, U_b, V_b)
+    assert scans[id(dW_s)] == 1 and [ortho[id(x)] for x in (U_s, V_s, U_b, V_b)] == [1, 1, 1, 1], (scans, ortho)
+
+    bad = W_t.clone()
+    bad[0, 0] = math.nan
+    raises(r"W_t contains 1 NaN and 0 Inf entries", L.transfer_layer, dW_s, W_s, bad, 3)

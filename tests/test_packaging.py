@@ -1,7 +1,11 @@
 """Set-up files agree with each other, and the README's quick start runs as written."""
 import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,3 +39,52 @@ def test_readme_quick_start_runs():
     section = readme.split("## Quick start", 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     exec(compile(code, "README quick start", "exec"), {})
+
+
+# An import that needs a package outside the extras installed is blocked, as on a machine without it.
+_BLOCKER = """
+import importlib, importlib.abc, sys
+ALLOWED = set(sys.argv[1].split(","))
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        top = name.split(".")[0]
+        if top in {THIRD_PARTY} and top not in ALLOWED:
+            raise ModuleNotFoundError(f"No module named {top!r}", name=top)
+sys.meta_path.insert(0, Absent())
+for module in sys.argv[2:]:
+    importlib.import_module(module)
+"""
+
+
+def names(deps):
+    """Distribution names of requirement strings: ``"numpy>=1.24"`` -> ``"numpy"``."""
+    return {re.split(r"[<>=!~ \[]", d)[0].lower() for d in deps}
+
+
+def _imports_with(extras, *modules):
+    """Import ``modules`` in a fresh interpreter where only torch and the pyproject ``extras`` are installed."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    optional = project["optional-dependencies"]
+    third_party = set().union(*map(names, optional.values())) - {"peft", "transformers"}
+    allowed = names(project["dependencies"]).union(*(names(optional[e]) for e in extras))
+    code = _BLOCKER.replace("{THIRD_PARTY}", repr(sorted(third_party)))
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code, ",".join(sorted(allowed)), *modules],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_equations_need_torch_alone():
+    """``pip install lorax_ref`` (torch only) is enough for the equations and their registry."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert names(project["dependencies"]) == {"torch"}
+    _imports_with((), "lorax_ref", "lorax_ref.core", "lorax_ref.linalg", "lorax_ref.related", "lorax_ref.registry")
+
+
+def test_each_extra_is_enough_for_its_part():
+    _imports_with(("conformance",), "lorax_ref.conformance", "lorax_ref.testing.strategies")
+    _imports_with(("files",), "lorax_ref.predict")
+
+
+def test_the_check_of_the_extras_can_fail():
+    with pytest.raises(AssertionError, match="No module named 'hypothesis'"):
+        _imports_with(("files",), "lorax_ref.testing.strategies")

@@ -57,3 +57,31 @@ def test_every_label_says_where_it_comes_from_and_the_readme_agrees():
         row = next(r for r in rows if f"| {label} |" in r)
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[3] == kind, (label, cells)
+
+
+def _product_texts():
+    """Code, tests, scripts, notebooks and README: everything a user's clone holds."""
+    for folder, pattern in (("lorax_ref", "**/*.py"), ("tests", "*.py"), ("scripts", "*.py"), ("notebooks", "*.ipynb")):
+        for path in sorted((ROOT / folder).glob(pattern)):
+            yield path.relative_to(ROOT), path.read_text()
+    yield Path("README.md"), (ROOT / "README.md").read_text()
+
+
+def test_identity_citations_resolve():
+    """Every ``docs/identities.md §N`` cited in the repository is a section of that file, and each section is cited."""
+    sections = set(re.findall(r"^## §(\d+) ", (ROOT / "docs" / "identities.md").read_text(), re.M))
+    cited = {}
+    for path, text in _product_texts():
+        for number in re.findall(r"docs/identities\.md §(\d+)", text):
+            cited.setdefault(number, path)
+    missing = {n: str(p) for n, p in cited.items() if n not in sections}
+    assert not missing, f"citations of sections that docs/identities.md does not have: {missing}"
+    uncited = sorted(sections - set(cited), key=int)
+    assert not uncited, f"sections no test cites: {uncited}"
+
+
+def test_citations_point_inside_the_repository():
+    """No citation of notes that a clone of the repository does not contain."""
+    outside = re.compile(r"lorax-math[.]md|shared[/]reference|docs[/]README")  # brackets: not a hit on this line
+    hits = [f"{path}: {m.group(0)}" for path, text in _product_texts() for m in outside.finditer(text)]
+    assert not hits, hits

@@ -1,4 +1,4 @@
-"""lorax_ref.related (ProLoRA, Cross-LoRA) against independent numpy oracles.
+"""lorax_ref.related (ProLoRA, Cross-LoRA) against independent numpy oracles (docs/identities.md §11).
 
 The oracles build the (m, m) and (n, n) projectors explicitly from numpy's own SVD
 (:func:`lorax_ref.testing.strategies.top_r_bases`) and compute each rule as written in its paper's
