@@ -17,7 +17,8 @@ import torch
 
 import lorax_ref as L
 from lorax_ref import conformance as C
-from lorax_ref import gallery
+from lorax_ref.conformance import gallery
+from lorax_ref.conformance.compare import _kappa
 from lorax_ref.cli import main as cli_main
 from lorax_ref.registry import slug
 from lorax_ref.testing.strategies import top_r_bases
@@ -25,16 +26,16 @@ from lorax_ref.testing.strategies import top_r_bases
 MAX = 6
 
 
-def run(func, equation, adapter=None, **kw):
+def run(func, equation, convention=None, **kw):
     kw.setdefault("max_examples", MAX)
-    return C.check(func, equation, adapter, **kw)
+    return C.check(func, equation, convention, **kw)
 
 
 @functools.lru_cache(maxsize=None)
 def gallery_result(name: str) -> C.Result:
     """Each gallery entry is checked once per test session; several tests read the same result."""
     e = gallery.entry(name)
-    return run(e.func, e.equation, e.adapter, timeout=0.3 if name == "hangs" else C.DEFAULT_TIMEOUT)
+    return run(e.func, e.equation, e.convention, timeout=0.3 if name == "hangs" else C.DEFAULT_TIMEOUT)
 
 
 # ------------------------------------------------------------------------------------- the reference
@@ -96,7 +97,7 @@ def test_precision_entries_pass_at_their_precision(entry):
     suggested = default.suggestion.dtype
     assert suggested in {"float32": ["float32"], "float16": ["float16"], "bfloat16": ["float16", "bfloat16"]}[dtype]
     assert f"formula right at {suggested} precision" in default.diagnosis_message
-    assert f"use --dtype {suggested} (Adapter(dtype='{suggested}'))" in default.diagnosis_message
+    assert f"use --dtype {suggested} (Convention(dtype='{suggested}'))" in default.diagnosis_message
     assert run(entry.func, entry.equation, default.suggestion).passed
     fixed = run(entry.func, entry.equation, entry.fixed_by)
     assert fixed.passed and fixed.diagnosis == "pass", str(fixed)
@@ -160,12 +161,12 @@ def test_tolerance_rule_and_conditioning_against_an_independent_computation():
     W_s = U[:, :5] @ np.diag(s) @ V.T  # (9, 5): σ₁ / (σ₂ − σ₃) = 20 at r = 2
     W_t = U[:, :5] @ np.diag([1.0, 0.5, 0.1, 0.05, 0.01]) @ V.T  # σ₁ / (σ₂ − σ₃) = 2.5
     inputs = dict(dW_s=rng.standard_normal((9, 5)), W_s=W_s, W_t=W_t, r=2)
-    assert C._kappa(C.SPECS["Layer transfer"], inputs) == pytest.approx(9 * 20.0)  # √9 · √9 · 20
+    assert _kappa(C.SPECS["Layer transfer"], inputs) == pytest.approx(9 * 20.0)  # √9 · √9 · 20
     # between shapes the singular vectors are paired one by one: the smallest gap σ_i − σ_{i+1}, i ≤ r, counts
     U7, _ = np.linalg.qr(rng.standard_normal((7, 5)))
     W_t7 = U7 @ np.diag([1.0, 0.98, 0.5, 0.2, 0.1]) @ V.T  # (7, 5): σ₁ / (σ₂ − σ₃) = 2.08, but σ₁ / (σ₁ − σ₂) = 50
-    assert C._kappa(C.SPECS["Layer transfer"], {**inputs, "W_t": W_t7}) == pytest.approx(9 * 50.0)
-    assert C._kappa(C.SPECS["Eq. (3)"], dict(dW_s=inputs["dW_s"], U_t=U[:, :2], V_t=V[:, :2])) == pytest.approx(3.0)
+    assert _kappa(C.SPECS["Layer transfer"], {**inputs, "W_t": W_t7}) == pytest.approx(9 * 50.0)
+    assert _kappa(C.SPECS["Eq. (3)"], dict(dW_s=inputs["dW_s"], U_t=U[:, :2], V_t=V[:, :2])) == pytest.approx(3.0)
     assert C.PRECISIONS["float32"].rtol(3.0, False) == 16 * 2.0**-24 * 3.0
     assert C.PRECISIONS["bfloat16"].rtol(2.0, True) == 16 * 2.0**-8 * 2.0
     assert C.PRECISIONS["float64"].rtol(1e6, False) == C.TOL and C.PRECISIONS["float64"].rtol(1e6, True) == C.TOL_SVD
@@ -391,22 +392,22 @@ def test_kit_arguments_are_validated():
     with pytest.raises(L.LoraxInputError, match="unknown equation"):
         C.check(L.transfer_same_dim, "eq99")
     with pytest.raises(L.LoraxInputError, match="framework"):
-        C.Adapter(framework="jax")
+        C.Convention(framework="jax")
     with pytest.raises(L.LoraxInputError, match="bases"):
-        C.Adapter(bases="U")
+        C.Convention(bases="U")
     with pytest.raises(L.LoraxInputError, match="callable"):
         C.check(42, "eq3")
     with pytest.raises(L.LoraxInputError, match="MODULE_OR_FILE:FUNCTION"):
         C.check("not a function", "eq3")  # a string is a target to load in a child process
     with pytest.raises(L.LoraxInputError, match="dtype"):
-        C.Adapter(dtype="float8")
+        C.Convention(dtype="float8")
     with pytest.raises(L.LoraxInputError, match="numpy has no bfloat16"):
-        C.check(L.transfer_same_dim, "eq3", C.Adapter(framework="numpy"), dtype="bfloat16")
+        C.check(L.transfer_same_dim, "eq3", C.Convention(framework="numpy"), dtype="bfloat16")
     if not torch.cuda.is_available():
         with pytest.raises(L.LoraxInputError, match="device 'cuda' is not available"):
-            C.check(L.transfer_same_dim, "eq3", C.Adapter(device="cuda"))
+            C.check(L.transfer_same_dim, "eq3", C.Convention(device="cuda"))
     with pytest.raises(L.LoraxInputError, match="call hook"):
-        C.check("x.py:f", "eq3", C.Adapter(call=lambda f, i: f(**i)))
+        C.check("x.py:f", "eq3", C.Convention(call=lambda f, i: f(**i)))
     with pytest.raises(L.LoraxInputError, match="max_examples"):
         C.check(L.transfer_same_dim, "eq3", max_examples=0)
     with pytest.raises(L.LoraxInputError, match="shrink_steps"):
@@ -420,12 +421,12 @@ def numpy_eq3(dW_s, U_t, V_t):
     return U_t.dot(U_t.T).dot(dW_s).dot(V_t).dot(V_t.T)  # ndarray.dot; torch's .dot is 1-D only
 
 
-def test_numpy_candidate_passes_with_the_numpy_adapter():
-    assert run(numpy_eq3, "eq3", C.Adapter(framework="numpy")).passed
+def test_numpy_candidate_passes_with_the_numpy_convention():
+    assert run(numpy_eq3, "eq3", C.Convention(framework="numpy")).passed
 
 
 def test_torch_candidate_given_numpy_arrays_is_a_convention_mismatch():
-    result = run(L.transfer_same_dim, "eq3", C.Adapter(framework="numpy"))
+    result = run(L.transfer_same_dim, "eq3", C.Convention(framework="numpy"))
     assert result.diagnosis == "convention mismatch"
     assert "framework='torch'" in result.diagnosis_message and "--framework torch" in result.diagnosis_message
 
@@ -438,7 +439,7 @@ def test_vh_candidate_is_told_apart_from_a_wrong_formula():
 
 
 def test_reference_given_vh_is_a_convention_mismatch_even_on_square_layers():
-    result = run(L.transfer_same_dim, "eq3", C.Adapter(bases="Vh"))
+    result = run(L.transfer_same_dim, "eq3", C.Convention(bases="Vh"))
     assert result.diagnosis == "convention mismatch" and "bases='V'" in result.diagnosis_message
 
 
@@ -448,12 +449,12 @@ def test_call_hook_wires_another_signature():
         return U_t @ U_t.T @ update @ V_t @ V_t.T
 
     hook = lambda f, i: f(target_bases=(i["U_t"], i["V_t"]), update=i["dW_s"])  # noqa: E731
-    assert run(my_transfer, "eq3", C.Adapter(call=hook)).passed
+    assert run(my_transfer, "eq3", C.Convention(call=hook)).passed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_inputs():
-    assert run(L.transfer_same_dim, "eq3", C.Adapter(device="cuda")).passed
+    assert run(L.transfer_same_dim, "eq3", C.Convention(device="cuda")).passed
 
 
 # --------------------------------------------------------------------------------------- golden file
@@ -622,7 +623,7 @@ HOSTILE = {
     "chatty.py": ("import os, sys\nprint('import-time chatter')\ndef f(dW_s, U_t, V_t):\n    print('call-time chatter')\n"
                   "    os.write(1, b'raw write to fd 1\\n')\n    print('to stderr', file=sys.stderr)\n"
                   "    return U_t @ U_t.T @ dW_s @ V_t @ V_t.T\n"),
-    "float32_eq3.py": "from lorax_ref.gallery import eq3_float32_projectors as f\n",
+    "float32_eq3.py": "from lorax_ref.conformance.gallery import eq3_float32_projectors as f\n",
     "wrong.py": "def f(dW_s, U_t, V_t):\n    return dW_s\n",
 }
 # Each is a real `python -m lorax_ref verify` (two processes, a few seconds of start-up): for what only the whole
@@ -744,5 +745,5 @@ def test_default_settings_take_under_20_seconds(label):
 @pytest.mark.parametrize("entry", gallery.ALL, ids=lambda e: e.name)
 def test_default_settings_on_the_gallery_take_under_20_seconds(entry):
     t0 = time.perf_counter()
-    C.check(entry.func, entry.equation, entry.adapter)
+    C.check(entry.func, entry.equation, entry.convention)
     assert time.perf_counter() - t0 < 20 + (5 if entry.name == "hangs" else 0)
