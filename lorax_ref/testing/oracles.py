@@ -37,10 +37,12 @@ def np64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def rel(a, b) -> float:
-    """Relative Frobenius distance ``‖a − b‖_F / ‖b‖_F`` (tensors are converted with :func:`np64`)."""
+def rel(a, b, scale: float | None = None) -> float:
+    """Relative Frobenius distance ``‖a − b‖_F / scale``, ``scale = ‖b‖_F`` by default (tensors are
+    converted with :func:`np64`; a zero scale counts as the smallest positive float, so ``a = b = 0`` gives 0)."""
     a, b = np64(a), np64(b)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    scale = np.linalg.norm(b) if scale is None else scale
+    return float(np.linalg.norm(a - b) / max(scale, 1e-300))
 
 
 # ---- random matrices -----------------------------------------------------------------------------------
