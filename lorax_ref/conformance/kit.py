@@ -224,6 +224,8 @@ def _diagnose(spec: Spec, session, convention: Convention, rows: list[Row], runn
     first examples, so this is quick); only if they all pass are the other checks run to confirm. A
     precision is only ever *suggested*: the verdict of the run itself stays FAIL.
     """
+    # ~70 lines in one function: the stages share `attempt` and its counters, and the order in which the
+    # alternatives are tried decides which one is suggested; kept together so that order stays visible.
     failed = [r.id for r in rows if r.passed is False]
     precision = runner.precision
     if not failed:
@@ -295,6 +297,30 @@ def _diagnose(spec: Spec, session, convention: Convention, rows: list[Row], runn
             + (f"; inputs and tolerances in {lower}" if lower else "") + ")", None)
 
 
+def _checked_arguments(target: str | None, convention: Convention | None, dtype: str | None, max_examples, timeout,
+                       shrink_steps) -> Convention:
+    """The settings of :func:`check`, each checked once, here; returns the convention to call with."""
+    convention = convention or Convention()
+    if not isinstance(convention, Convention):
+        raise LoraxInputError(f"convention must be a lorax_ref.conformance.Convention, got {type(convention).__name__}")
+    if dtype is not None:
+        convention = convention.with_(dtype=dtype)
+    if target is not None and convention.call is not None:
+        raise LoraxInputError("a call hook needs the candidate as a function object, not a target string")
+    if convention.framework == "torch":
+        try:
+            torch.empty(0, device=convention.device)
+        except (RuntimeError, AssertionError) as exc:
+            raise LoraxInputError(f"device {convention.device!r} is not available here: {_one_line(exc)}") from None
+    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
+        raise LoraxInputError(f"max_examples must be a positive int, got {max_examples!r}")
+    if not timeout > 0:
+        raise LoraxInputError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if isinstance(shrink_steps, bool) or not isinstance(shrink_steps, int) or shrink_steps < 0:
+        raise LoraxInputError(f"shrink_steps must be an int >= 0, got {shrink_steps!r}")
+    return convention
+
+
 def check(
     func: Callable | str,
     equation: str,
@@ -334,24 +360,7 @@ def check(
         raise LoraxInputError(f"the candidate must be callable or a 'file.py:function' string, got {type(func).__name__}")
     label, _ = lookup(equation)
     spec = SPECS[label]
-    convention = convention or Convention()
-    if not isinstance(convention, Convention):
-        raise LoraxInputError(f"convention must be a lorax_ref.conformance.Convention, got {type(convention).__name__}")
-    if dtype is not None:
-        convention = convention.with_(dtype=dtype)
-    if target is not None and convention.call is not None:
-        raise LoraxInputError("a call hook needs the candidate as a function object, not a target string")
-    if convention.framework == "torch":
-        try:
-            torch.empty(0, device=convention.device)
-        except (RuntimeError, AssertionError) as exc:
-            raise LoraxInputError(f"device {convention.device!r} is not available here: {_one_line(exc)}") from None
-    if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
-        raise LoraxInputError(f"max_examples must be a positive int, got {max_examples!r}")
-    if not timeout > 0:
-        raise LoraxInputError(f"timeout must be > 0 seconds, got {timeout!r}")
-    if isinstance(shrink_steps, bool) or not isinstance(shrink_steps, int) or shrink_steps < 0:
-        raise LoraxInputError(f"shrink_steps must be an int >= 0, got {shrink_steps!r}")
+    convention = _checked_arguments(target, convention, dtype, max_examples, timeout, shrink_steps)
     gold = None
     golden_name = ""
     if golden is not False:
