@@ -59,16 +59,17 @@ cannot end the kit or fake its exit code, and the candidate's own prints go to s
 report or its JSON. While checking, torch runs single-threaded (restored afterwards): the kit's matrices
 are at most 16×16.
 
-**Modules.** :mod:`.kit` (:func:`check`: search, shrinking, diagnosis), :mod:`.specs` (one :class:`Spec`
-of property checks per equation label), :mod:`.golden` (the golden cases), :mod:`.compare` (examples,
-comparison, messages), :mod:`.calling` (:class:`Convention`, conversions, what a call returned),
-:mod:`.runner` (worker thread or child process, time limits), :mod:`.precision` (tolerances),
-:mod:`.results` (:class:`Result`, :class:`Row`), :mod:`.loader` and :mod:`.command` (targets and the
-``verify`` command line), :mod:`.gallery` (wrong implementations the kit must catch).
+**Modules.** :mod:`.kit` (:func:`check`: search, shrinking, diagnosis), :mod:`.specs` (the property
+checks of each equation label, :data:`SPECS`), :mod:`.golden` (the golden cases), :mod:`.compare`
+(examples, comparison, messages, and the runner that judges one candidate), :mod:`.calling`
+(:class:`Convention`, :class:`Spec`, input conversion, what a call returned), :mod:`.runner` (worker
+thread or child process, time limits), :mod:`.precision` (tolerances), :mod:`.results` (:class:`Result`,
+:class:`Row`), :mod:`.loader` and :mod:`.command` (targets and the ``verify`` command line),
+:mod:`.gallery` (wrong implementations the kit must catch).
 """
 from __future__ import annotations
 
-from .calling import CallError, Convention
+from .calling import CallError, Check, Convention, Spec
 from .command import VERIFY_HELP, add_verify_parser, main, run_verify
 from .golden import GOLDEN_PATH, load_golden
 from .kit import check
@@ -88,7 +89,7 @@ from .precision import (
     Precision,
 )
 from .results import Result, Row
-from .specs import SPECS, Check, Spec, signatures
+from .specs import SPECS, signatures
 
 __all__ = [
     "CallError", "Check", "Convention", "DEFAULT_MAX_EXAMPLES", "DEFAULT_SHRINK_BUDGET", "DEFAULT_SHRINK_STEPS",

@@ -1,18 +1,16 @@
-"""How a candidate is called: its calling convention, input conversion, and the checks on what it returns."""
+"""How a candidate is called: its calling convention, input conversion, the checks on what it returns,
+and :class:`Spec`, what the kit knows of an equation (its signature and its checks)."""
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..errors import LoraxInputError
 from .precision import PRECISIONS
-
-if TYPE_CHECKING:
-    from .specs import Spec
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -186,3 +184,30 @@ def _candidate_name(func) -> str:
     module = getattr(func, "__module__", None) or ""
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or type(func).__name__
     return f"{module}.{name}" if module and module != "__main__" else name
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the kit knows of an equation: its signature and its checks (the instances are in specs.py)
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    id: str
+    name: str
+    examples: Any  # a hypothesis strategy of Example
+    verify: Callable  # verify(call, example) -> Failure | None
+    requires: str | None = None  # a keyword argument the candidate must accept, else the check is skipped
+
+
+@dataclass(frozen=True)
+class Spec:
+    label: str
+    args: tuple[str, ...]
+    v_args: frozenset
+    outputs: tuple[str, ...]
+    out_shapes: Callable[[dict], list[tuple]]
+    signature: str
+    scale: Callable[[dict], float | tuple[float, ...]]  # size of the update acted on (per output, if a tuple)
+    checks: tuple[Check, ...]
+    own_svd: bool = False  # the candidate computes an SVD itself (its tolerance includes the spectral gap)

@@ -1,18 +1,14 @@
-"""Examples, comparison of observed with expected values, and the messages that name a mistake."""
+"""Examples, comparison of observed with expected values, the messages that name a mistake, and
+:class:`_Runner`, which calls one candidate under one convention and judges it with one tolerance."""
 from __future__ import annotations
 
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from .calling import CallError
-
-if TYPE_CHECKING:
-    from .runner import _Runner
-    from .specs import Spec
+from .calling import CallError, Convention, Spec
+from .precision import PRECISIONS, Precision
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,3 +161,48 @@ def _kappa(spec: "Spec", inputs: dict) -> float:
             worst = max(worst, float(s[0] / max(gap, np.finfo(np.float64).tiny)))
         kappa *= float(np.sqrt(k)) * worst  # the SVD's backward error grows with k; vectors move by it over the gap
     return kappa
+
+
+class _Runner:
+    """Calls one candidate under one convention (inputs in ``convention.dtype``) and judges with the tolerance
+    of ``precision`` (by default that dtype's); counts what happened."""
+
+    def __init__(self, session, spec: "Spec", convention: Convention, timeout: float, precision: Precision | None = None):
+        self.session, self.spec, self.convention, self.timeout = session, spec, convention, timeout
+        self.precision = precision or PRECISIONS[convention.dtype]
+        self.stopped: str | None = None  # why the candidate is called no more (it hung or ended its process)
+        self.n_ok = 0
+        self.n_calls = 0
+        self.worst: tuple[float, float] = (0.0, 0.0)  # (relative error / (u·κ), relative error) of the worst comparison
+
+    @property
+    def hung(self) -> bool:
+        return self.stopped is not None
+
+    def kappa(self, ex: "Example") -> float:
+        if ex.kappa is None:
+            ex.kappa = _kappa(self.spec, ex.inputs)
+        return ex.kappa
+
+    def rtol(self, ex: "Example") -> float:
+        return self.precision.rtol(self.kappa(ex), self.spec.own_svd)
+
+    def record(self, rel_err: float, ex: "Example") -> None:
+        """Keep the worst relative error, measured in units of u·κ of this runner's precision."""
+        ratio = rel_err / (self.precision.u * self.kappa(ex))
+        if ratio > self.worst[0]:
+            self.worst = (ratio, rel_err)
+
+    def __call__(self, inputs: dict, **kw) -> list[np.ndarray] | CallError:
+        if self.stopped:
+            return CallError("hung", f"not called: the candidate {self.stopped} in an earlier call")
+        self.n_calls += 1
+        out = self.session.call(self.spec, self.convention, inputs, kw, self.timeout)
+        if isinstance(out, CallError):
+            if out.kind == "hung":
+                self.stopped = "hung"
+            elif out.kind == "exited":
+                self.stopped = "ended its process"
+        else:
+            self.n_ok += 1
+        return out

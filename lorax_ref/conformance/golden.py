@@ -4,19 +4,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from ..errors import LoraxInputError
-from .calling import CallError
-from .compare import Example, _fmt, _mismatch
+from .calling import CallError, Spec
+from .compare import Example, _fmt, _mismatch, _Runner
 from .precision import TOL
 from .results import Row
-
-if TYPE_CHECKING:
-    from .runner import _Runner
-    from .specs import Spec
 
 GOLDEN_PATH = Path(__file__).resolve().parents[1] / "data" / "golden" / "lorax_golden_v1.json"
 

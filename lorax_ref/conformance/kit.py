@@ -14,15 +14,15 @@ from hypothesis.errors import NoSuchExample
 
 from ..errors import LoraxInputError
 from ..registry import lookup
-from .calling import Convention, _one_line
-from .compare import Example, Failure
+from .calling import Check, Convention, Spec, _one_line
+from .compare import Example, Failure, _Runner
 from .golden import GOLDEN_PATH, _golden_row, load_golden
 from .loader import _parse_target
 from .precision import (DEFAULT_MAX_EXAMPLES, DEFAULT_SHRINK_BUDGET, DEFAULT_SHRINK_STEPS, DEFAULT_TIMEOUT,
                         LOAD_TIMEOUT, LOW_PRECISION_FACTOR, _lower, _sci)
 from .results import Result, Row
-from .runner import _InProcess, _Runner, _single_threaded_torch, _Subprocess
-from .specs import SPECS, Check, Spec
+from .runner import _InProcess, _single_threaded_torch, _Subprocess
+from .specs import SPECS
 
 
 def _accepts(parameters: tuple[tuple[str, ...], bool] | None, name: str) -> bool:

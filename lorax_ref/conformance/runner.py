@@ -1,5 +1,5 @@
 """Where the candidate runs: a worker thread of this process (a function object) or a child process
-(a target string), with a time limit per call; :class:`_Runner` counts and judges one candidate's calls."""
+(a target string), with a time limit per call."""
 from __future__ import annotations
 
 import contextlib
@@ -12,21 +12,16 @@ import sys
 import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..errors import LoraxInputError
 from .calling import CallError, Convention, _call_once, _CandidateTimeout, _candidate_name, _one_line, _parameters
-from .compare import _kappa
 from .loader import load_candidate
-from .precision import LOAD_TIMEOUT, PRECISIONS, Precision
+from .precision import LOAD_TIMEOUT
 from .specs import SPECS
-
-if TYPE_CHECKING:
-    from .compare import Example
-    from .specs import Spec
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,48 +261,3 @@ def _single_threaded_torch():
         yield
     finally:
         torch.set_num_threads(before)
-
-
-class _Runner:
-    """Calls one candidate under one convention (inputs in ``convention.dtype``) and judges with the tolerance
-    of ``precision`` (by default that dtype's); counts what happened."""
-
-    def __init__(self, session, spec: "Spec", convention: Convention, timeout: float, precision: Precision | None = None):
-        self.session, self.spec, self.convention, self.timeout = session, spec, convention, timeout
-        self.precision = precision or PRECISIONS[convention.dtype]
-        self.stopped: str | None = None  # why the candidate is called no more (it hung or ended its process)
-        self.n_ok = 0
-        self.n_calls = 0
-        self.worst: tuple[float, float] = (0.0, 0.0)  # (relative error / (u·κ), relative error) of the worst comparison
-
-    @property
-    def hung(self) -> bool:
-        return self.stopped is not None
-
-    def kappa(self, ex: "Example") -> float:
-        if ex.kappa is None:
-            ex.kappa = _kappa(self.spec, ex.inputs)
-        return ex.kappa
-
-    def rtol(self, ex: "Example") -> float:
-        return self.precision.rtol(self.kappa(ex), self.spec.own_svd)
-
-    def record(self, rel_err: float, ex: "Example") -> None:
-        """Keep the worst relative error, measured in units of u·κ of this runner's precision."""
-        ratio = rel_err / (self.precision.u * self.kappa(ex))
-        if ratio > self.worst[0]:
-            self.worst = (ratio, rel_err)
-
-    def __call__(self, inputs: dict, **kw) -> list[np.ndarray] | CallError:
-        if self.stopped:
-            return CallError("hung", f"not called: the candidate {self.stopped} in an earlier call")
-        self.n_calls += 1
-        out = self.session.call(self.spec, self.convention, inputs, kw, self.timeout)
-        if isinstance(out, CallError):
-            if out.kind == "hung":
-                self.stopped = "hung"
-            elif out.kind == "exited":
-                self.stopped = "ended its process"
-        else:
-            self.n_ok += 1
-        return out

@@ -4,9 +4,6 @@ Every expected value comes from :mod:`lorax_ref.testing.oracles` (numpy/scipy, f
 lorax_ref's own function of the equation."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
-
 import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
@@ -14,7 +11,7 @@ from hypothesis import strategies as st
 from ..registry import EQUATIONS
 from ..testing.oracles import np_lstsq_map, np_mismatch, np_phi, np_project, orthonormal, sigma_matrix, top_r_bases
 from ..testing.strategies import cases, matrices
-from .calling import CallError
+from .calling import CallError, Check, Spec
 from .compare import Example, Failure, _call_failure, _compare, _expect, _fmt
 from .precision import MAX_DIM, MIN_DIM
 
@@ -59,28 +56,6 @@ def _amax(x) -> float:
 # ---------------------------------------------------------------------------------------------------
 # Specs: one per equation label
 # ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Check:
-    id: str
-    name: str
-    examples: Any  # a hypothesis strategy of Example
-    verify: Callable  # verify(call, example) -> Failure | None
-    requires: str | None = None  # a keyword argument the candidate must accept, else the check is skipped
-
-
-@dataclass(frozen=True)
-class Spec:
-    label: str
-    args: tuple[str, ...]
-    v_args: frozenset
-    outputs: tuple[str, ...]
-    out_shapes: Callable[[dict], list[tuple]]
-    signature: str
-    scale: Callable[[dict], float | tuple[float, ...]]  # size of the update acted on (per output, if a tuple)
-    checks: tuple[Check, ...]
-    own_svd: bool = False  # the candidate computes an SVD itself (its tolerance includes the spectral gap)
 
 
 def _flip(rng_seed: int, r: int) -> np.ndarray:
