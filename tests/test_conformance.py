@@ -21,7 +21,7 @@ from lorax_ref.conformance import gallery
 from lorax_ref.conformance.compare import _kappa
 from lorax_ref.cli import main as cli_main
 from lorax_ref.registry import slug
-from lorax_ref.testing.strategies import top_r_bases
+from lorax_ref.testing.oracles import np_mismatch, np_phi, np_project, sigma_matrix, t64, top_r_bases
 
 MAX = 6
 
@@ -273,11 +273,11 @@ def test_gallery_candidates_are_really_wrong_by_an_independent_computation():
     W = rng.standard_normal((5, 5))
     U, V = top_r_bases(W, 2)
     dW = U @ np.diag([1.0, -2.0]) @ V.T
-    T = lambda a: torch.tensor(a)  # noqa: E731
+    T = functools.partial(t64, device="cpu")
     out = gallery.no_truncation(T(dW), T(W), T(W + 0.5 * rng.standard_normal((5, 5))), 2).numpy()
     assert np.allclose(out, dW)  # the full projector is the identity: the update is not transferred at all
     Ua, Ub = top_r_bases(W, 3)[0], top_r_bases(rng.standard_normal((5, 5)), 3)[0]
-    phi = np.mean(np.cos(sla.subspace_angles(Ua, Ub)) ** 2)
+    phi = np_phi(Ua, Ub)
     assert gallery.similarity_over_rs_rt(T(Ua), T(Ub)) == pytest.approx(phi / 3)
 
 
@@ -481,39 +481,31 @@ def test_golden_file_is_what_the_script_writes():
 def _numpy_expected(label, i):
     """Independent numpy/scipy values for a golden case (never lorax_ref)."""
     A = {k: np.asarray(v, dtype=float) if isinstance(v, list) else v for k, v in i.items()}
-    full = lambda d: np.diag(d) if d.ndim == 1 else d  # noqa: E731
-    proj = lambda X, U, V: U @ U.T @ X @ V @ V.T  # noqa: E731
-    lstsq = lambda B_s, B_t: np.linalg.lstsq(B_s.T, B_t.T, rcond=None)[0].T  # noqa: E731
-
-    def mismatch(dW, U_s, V_s, U_t, V_t):
-        P, Q = lstsq(U_s, U_t), lstsq(V_s, V_t)
-        return U_t @ (U_t.T @ P @ U_s @ (U_s.T @ dW @ V_s) @ (Q @ V_s).T @ V_t) @ V_t.T
-
     if label == "Eq. (1)":
-        return [A["U_s"] @ full(A["dSigma_s"]) @ A["V_s"].T]
+        return [A["U_s"] @ sigma_matrix(A["dSigma_s"]) @ A["V_s"].T]
     if label == "Eq. (2)":
-        return [proj(A["dW"], A["U"], A["V"])]
+        return [np_project(A["dW"], A["U"], A["V"])]
     if label == "Eq. (3)":
-        return [proj(A["dW_s"], A["U_t"], A["V_t"])]
+        return [np_project(A["dW_s"], A["U_t"], A["V_t"])]
     if label == "Eq. (3) rotation form":
-        return [A["U_t"].T @ A["U_s"] @ full(A["dSigma_s"]) @ A["V_s"].T @ A["V_t"]]
+        return [A["U_t"].T @ A["U_s"] @ sigma_matrix(A["dSigma_s"]) @ A["V_s"].T @ A["V_t"]]
     if label == "Eq. (3) low-rank form":
         return [A["U_t"] @ A["U_t"].T @ A["B"], A["A"] @ A["V_t"] @ A["V_t"].T]
     if label == "Table 5 ablation":
-        return [A["U_t"] @ full(A["dSigma_s"]) @ A["V_t"].T]
+        return [A["U_t"] @ sigma_matrix(A["dSigma_s"]) @ A["V_t"].T]
     if label == "§4.2.2 alignment maps":
         return [A["U_t"] @ sla.pinv(A["U_s"]), A["V_t"] @ sla.pinv(A["V_s"])]  # P̂ = U_t U_s⁺ (scipy pinv)
     if label == "§4.2.2":
-        return [mismatch(A["dW_s"], A["U_s"], A["V_s"], A["U_t"], A["V_t"])]
+        return [np_mismatch(A["dW_s"], A["U_s"], A["V_s"], A["U_t"], A["V_t"])]
     if label == "Eq. (4)":
-        return [np.mean(np.cos(sla.subspace_angles(A["U_a"], A["U_b"])) ** 2)]
+        return [np_phi(A["U_a"], A["U_b"])]
     if label == "Layer transfer":
         r = A["r"]
         U_s, V_s = top_r_bases(A["W_s"], r)
         U_t, V_t = top_r_bases(A["W_t"], r)
         if A["W_s"].shape == A["W_t"].shape:
-            return [proj(A["dW_s"], U_t, V_t)]
-        return [mismatch(A["dW_s"], U_s, V_s, U_t, V_t)]
+            return [np_project(A["dW_s"], U_t, V_t)]
+        return [np_mismatch(A["dW_s"], U_s, V_s, U_t, V_t)]
     raise AssertionError(label)
 
 
