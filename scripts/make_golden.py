@@ -23,7 +23,8 @@ import torch
 
 import lorax_ref as L
 from lorax_ref.registry import EQUATIONS, slug
-from lorax_ref.testing.strategies import orthonormal
+from lorax_ref.testing.oracles import np64 as N
+from lorax_ref.testing.oracles import orthonormal, t64
 
 OUT = Path(__file__).resolve().parents[1] / "lorax_ref" / "data" / "golden" / "lorax_golden_v1.json"
 SEED = 20250116  # arXiv 2501.16559
@@ -32,11 +33,7 @@ RTOL_SVD = 1e-7  # Layer transfer: the port computes its own SVD
 
 
 def T(x: np.ndarray) -> torch.Tensor:
-    return torch.tensor(x, dtype=torch.float64)
-
-
-def N(t) -> np.ndarray:
-    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    return t64(x, "cpu")  # the reference's outputs are computed on the CPU, whatever LORAX_DEVICE says
 
 
 class Maker:
@@ -61,11 +58,13 @@ class Maker:
         return self.rng.standard_normal(shape)
 
 
-def build() -> dict:
-    mk = Maker(SEED)
-    eqs: dict[str, list[dict]] = {label: [] for label in EQUATIONS}
+class Cases(dict):
+    """``{label: [case, ...]}`` for every label of the registry; :meth:`add` appends one case."""
 
-    def add(label, name, note, inputs, outputs=None, raises=None, info=None):
+    def __init__(self):
+        super().__init__({label: [] for label in EQUATIONS})
+
+    def add(self, label, name, note, inputs, outputs=None, raises=None, info=None):
         case = {"name": name, "note": note, "inputs": inputs}
         if raises:
             case["raises"] = raises
@@ -73,9 +72,11 @@ def build() -> dict:
             case["outputs"] = outputs
         if info:
             case["info"] = info
-        eqs[label].append(case)
+        self[label].append(case)
 
-    # Eq. (1)
+
+def _eq1_cases(mk: Maker, add) -> None:
+    """Eq. (1)."""
     for name, (m, n, r, full) in {"diag-4x3-r2": (4, 3, 2, False), "full-3x3-r2": (3, 3, 2, True),
                                   "diag-5x2-r1": (5, 2, 1, False)}.items():
         U_s, V_s = mk.bases(mk.weight(m, n), r)
@@ -83,7 +84,9 @@ def build() -> dict:
         add("Eq. (1)", name, "ΔΣ_s " + ("full (r, r)" if full else "diagonal (r,)"),
             dict(U_s=U_s, dSigma_s=d, V_s=V_s), dict(dW_s=L.lorax_delta(T(U_s), T(d), T(V_s))))
 
-    # Eq. (2)
+
+def _eq2_cases(mk: Maker, add) -> None:
+    """Eq. (2)."""
     for name, (m, n, r, lorax) in {"generic-4x3-r2": (4, 3, 2, False), "lorax-fixed-point-3x3-r2": (3, 3, 2, True),
                                    "generic-2x5-r1": (2, 5, 1, False)}.items():
         U, V = mk.bases(mk.weight(m, n), r)
@@ -91,7 +94,9 @@ def build() -> dict:
         add("Eq. (2)", name, "a LoRA-X update: returned unchanged" if lorax else "a generic ΔW",
             dict(dW=dW, U=U, V=V), dict(dW=L.project(T(dW), T(U), T(V))))
 
-    # Eq. (3) projection form
+
+def _eq3_cases(mk: Maker, add) -> None:
+    """Eq. (3), projection form (and one other-shape case that must raise)."""
     for name, (m, n, r, target, lorax) in {"independent-4x3-r2-lorax": (4, 3, 2, "independent", True),
                                            "near-3x3-r2-generic": (3, 3, 2, "near", False),
                                            "independent-4x4-r2-generic": (4, 4, 2, "independent", False)}.items():
@@ -106,7 +111,9 @@ def build() -> dict:
     add("Eq. (3)", "other-shape-raises", "ΔW_s is 3×4 but the target layer is 4×3: must raise, never pad or crop",
         dict(dW_s=mk.normal(3, 4), U_t=U_t, V_t=V_t), raises="shape mismatch")
 
-    # Eq. (3) rotation form
+
+def _eq3_rotation_cases(mk: Maker, add) -> None:
+    """Eq. (3) rotation form."""
     for name, (m, n, r, target, full) in {"independent-4x3-r2-diag": (4, 3, 2, "independent", False),
                                           "near-3x3-r2-full": (3, 3, 2, "near", True),
                                           "independent-4x4-r3-diag": (4, 4, 3, "independent", False)}.items():
@@ -119,7 +126,9 @@ def build() -> dict:
             dict(U_t=U_t, U_s=U_s, dSigma_s=d, V_s=V_s, V_t=V_t),
             dict(dSigma_ts=L.transferred_sigma(T(U_t), T(U_s), T(d), T(V_s), T(V_t))))
 
-    # Eq. (3) low-rank form
+
+def _eq3_lowrank_cases(mk: Maker, add) -> None:
+    """Eq. (3) low-rank form."""
     for name, (m, n, r, k) in {"4x3-r2-k2": (4, 3, 2, 2), "3x3-r1-k2": (3, 3, 1, 2)}.items():
         U_t, V_t = mk.bases(mk.weight(m, n), r)
         B, A = mk.normal(m, k), mk.normal(k, n)
@@ -127,14 +136,18 @@ def build() -> dict:
         add("Eq. (3) low-rank form", name, "plain LoRA ΔW = B A (any α/r scaling stays with the caller)",
             dict(B=B, A=A, U_t=U_t, V_t=V_t), dict(B_t=B_t, A_t=A_t))
 
-    # Table 5 ablation
+
+def _table5_cases(mk: Maker, add) -> None:
+    """Table 5 ablation."""
     for name, (m, n, r, full) in {"4x3-r2-diag": (4, 3, 2, False), "3x5-r2-full": (3, 5, 2, True)}.items():
         U_t, V_t = mk.bases(mk.weight(m, n), r)
         d = mk.normal(r, r) if full else mk.normal(r)
         add("Table 5 ablation", name, "copy ΔΣ_s into the target bases without rotation",
             dict(U_t=U_t, dSigma_s=d, V_t=V_t), dict(dW_copy=L.copy_sigma_transfer(T(U_t), T(d), T(V_t))))
 
-    # §4.2.2 alignment maps
+
+def _alignment_maps_cases(mk: Maker, add) -> None:
+    """§4.2.2 alignment maps."""
     for name, (ms, ns, mt, nt, r) in {"4x3-to-5x2-r2": (4, 3, 5, 2, 2), "3x3-to-3x3-r2": (3, 3, 3, 3, 2),
                                       "2x4-to-4x3-r1": (2, 4, 4, 3, 1)}.items():
         U_s, V_s = mk.bases(mk.weight(ms, ns), r)
@@ -143,7 +156,9 @@ def build() -> dict:
         add("§4.2.2 alignment maps", name, "minimum-norm least-squares maps",
             dict(U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t), dict(P=P, Q=Q))
 
-    # §4.2.2 transfer
+
+def _mismatch_cases(mk: Maker, add) -> None:
+    """§4.2.2, the transfer between layers of different shapes."""
     for name, (ms, ns, mt, nt, r, lorax) in {"4x3-to-5x2-r2-lorax": (4, 3, 5, 2, 2, True),
                                              "3x3-to-3x3-r2-generic": (3, 3, 3, 3, 2, False),
                                              "5x4-to-3x3-r2-generic": (5, 4, 3, 3, 2, False)}.items():
@@ -154,7 +169,9 @@ def build() -> dict:
             dict(dW_s=dW_s, U_s=U_s, V_s=V_s, U_t=U_t, V_t=V_t),
             dict(dW_t=L.transfer_mismatch(T(dW_s), T(U_s), T(V_s), T(U_t), T(V_t))))
 
-    # Eq. (4)
+
+def _eq4_cases(mk: Maker, add) -> None:
+    """Eq. (4)."""
     for name, (m, r, target) in {"independent-m4-r2": (4, 2, "independent"), "near-m5-r3": (5, 3, "near"),
                                  "identical-m4-r2": (4, 2, "same"), "r-equals-m-3": (3, 3, "independent")}.items():
         W_a = mk.weight(m, m)
@@ -166,7 +183,9 @@ def build() -> dict:
                 "independent": "unrelated subspaces" + (" — r = m: Φ = 1 whatever the weights" if r == m else "")}[target]
         add("Eq. (4)", name, note, dict(U_a=U_a, U_b=U_b), dict(phi=L.subspace_similarity(T(U_a), T(U_b))))
 
-    # Layer transfer (auto method, no gate)
+
+def _layer_transfer_cases(mk: Maker, add) -> None:
+    """Layer transfer (auto method, no gate)."""
     for name, (ms, ns, mt, nt, r, target, kind) in {
         "independent-4x4-r2-lorax": (4, 4, 4, 4, 2, "independent", "lorax"),
         "near-5x3-r2-generic": (5, 3, 5, 3, 2, "near", "generic"),
@@ -182,6 +201,22 @@ def build() -> dict:
         note = (f"{target} target, " + ("LoRA-X ΔW_s (diagonal ΔΣ_s: sign-convention free)" if kind == "lorax" else "generic ΔW_s"))
         add("Layer transfer", name, note, dict(dW_s=dW_s, W_s=W_s, W_t=W_t, r=r), dict(dW_t=dW_t), info=info)
 
+
+# In this order: every builder draws from one seeded generator, so the order fixes the inputs.
+BUILDERS = (_eq1_cases, _eq2_cases, _eq3_cases, _eq3_rotation_cases, _eq3_lowrank_cases, _table5_cases,
+            _alignment_maps_cases, _mismatch_cases, _eq4_cases, _layer_transfer_cases)
+
+
+def build() -> dict:
+    """Every golden case (the builders above, in order) and the file's header."""
+    mk, cases = Maker(SEED), Cases()
+    for builder in BUILDERS:
+        builder(mk, cases.add)
+    return document(cases)
+
+
+def document(eqs: dict[str, list[dict]]) -> dict:
+    """The golden file: format, layout, tolerances and, per label, its signature and cases."""
     return {
         "format": "lorax_ref golden cases",
         "version": 1,

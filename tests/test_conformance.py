@@ -17,24 +17,25 @@ import torch
 
 import lorax_ref as L
 from lorax_ref import conformance as C
-from lorax_ref import gallery
+from lorax_ref.conformance import gallery
+from lorax_ref.conformance.compare import _kappa
 from lorax_ref.cli import main as cli_main
 from lorax_ref.registry import slug
-from lorax_ref.testing.strategies import top_r_bases
+from lorax_ref.testing.oracles import np_mismatch, np_phi, np_project, sigma_matrix, t64, top_r_bases
 
 MAX = 6
 
 
-def run(func, equation, adapter=None, **kw):
+def run(func, equation, convention=None, **kw):
     kw.setdefault("max_examples", MAX)
-    return C.check(func, equation, adapter, **kw)
+    return C.check(func, equation, convention, **kw)
 
 
 @functools.lru_cache(maxsize=None)
 def gallery_result(name: str) -> C.Result:
     """Each gallery entry is checked once per test session; several tests read the same result."""
     e = gallery.entry(name)
-    return run(e.func, e.equation, e.adapter, timeout=0.3 if name == "hangs" else C.DEFAULT_TIMEOUT)
+    return run(e.func, e.equation, e.convention, timeout=0.3 if name == "hangs" else C.DEFAULT_TIMEOUT)
 
 
 # ------------------------------------------------------------------------------------- the reference
@@ -96,7 +97,7 @@ def test_precision_entries_pass_at_their_precision(entry):
     suggested = default.suggestion.dtype
     assert suggested in {"float32": ["float32"], "float16": ["float16"], "bfloat16": ["float16", "bfloat16"]}[dtype]
     assert f"formula right at {suggested} precision" in default.diagnosis_message
-    assert f"use --dtype {suggested} (Adapter(dtype='{suggested}'))" in default.diagnosis_message
+    assert f"use --dtype {suggested} (Convention(dtype='{suggested}'))" in default.diagnosis_message
     assert run(entry.func, entry.equation, default.suggestion).passed
     fixed = run(entry.func, entry.equation, entry.fixed_by)
     assert fixed.passed and fixed.diagnosis == "pass", str(fixed)
@@ -160,12 +161,12 @@ def test_tolerance_rule_and_conditioning_against_an_independent_computation():
     W_s = U[:, :5] @ np.diag(s) @ V.T  # (9, 5): σ₁ / (σ₂ − σ₃) = 20 at r = 2
     W_t = U[:, :5] @ np.diag([1.0, 0.5, 0.1, 0.05, 0.01]) @ V.T  # σ₁ / (σ₂ − σ₃) = 2.5
     inputs = dict(dW_s=rng.standard_normal((9, 5)), W_s=W_s, W_t=W_t, r=2)
-    assert C._kappa(C.SPECS["Layer transfer"], inputs) == pytest.approx(9 * 20.0)  # √9 · √9 · 20
+    assert _kappa(C.SPECS["Layer transfer"], inputs) == pytest.approx(9 * 20.0)  # √9 · √9 · 20
     # between shapes the singular vectors are paired one by one: the smallest gap σ_i − σ_{i+1}, i ≤ r, counts
     U7, _ = np.linalg.qr(rng.standard_normal((7, 5)))
     W_t7 = U7 @ np.diag([1.0, 0.98, 0.5, 0.2, 0.1]) @ V.T  # (7, 5): σ₁ / (σ₂ − σ₃) = 2.08, but σ₁ / (σ₁ − σ₂) = 50
-    assert C._kappa(C.SPECS["Layer transfer"], {**inputs, "W_t": W_t7}) == pytest.approx(9 * 50.0)
-    assert C._kappa(C.SPECS["Eq. (3)"], dict(dW_s=inputs["dW_s"], U_t=U[:, :2], V_t=V[:, :2])) == pytest.approx(3.0)
+    assert _kappa(C.SPECS["Layer transfer"], {**inputs, "W_t": W_t7}) == pytest.approx(9 * 50.0)
+    assert _kappa(C.SPECS["Eq. (3)"], dict(dW_s=inputs["dW_s"], U_t=U[:, :2], V_t=V[:, :2])) == pytest.approx(3.0)
     assert C.PRECISIONS["float32"].rtol(3.0, False) == 16 * 2.0**-24 * 3.0
     assert C.PRECISIONS["bfloat16"].rtol(2.0, True) == 16 * 2.0**-8 * 2.0
     assert C.PRECISIONS["float64"].rtol(1e6, False) == C.TOL and C.PRECISIONS["float64"].rtol(1e6, True) == C.TOL_SVD
@@ -272,11 +273,11 @@ def test_gallery_candidates_are_really_wrong_by_an_independent_computation():
     W = rng.standard_normal((5, 5))
     U, V = top_r_bases(W, 2)
     dW = U @ np.diag([1.0, -2.0]) @ V.T
-    T = lambda a: torch.tensor(a)  # noqa: E731
+    T = functools.partial(t64, device="cpu")
     out = gallery.no_truncation(T(dW), T(W), T(W + 0.5 * rng.standard_normal((5, 5))), 2).numpy()
     assert np.allclose(out, dW)  # the full projector is the identity: the update is not transferred at all
     Ua, Ub = top_r_bases(W, 3)[0], top_r_bases(rng.standard_normal((5, 5)), 3)[0]
-    phi = np.mean(np.cos(sla.subspace_angles(Ua, Ub)) ** 2)
+    phi = np_phi(Ua, Ub)
     assert gallery.similarity_over_rs_rt(T(Ua), T(Ub)) == pytest.approx(phi / 3)
 
 
@@ -391,22 +392,22 @@ def test_kit_arguments_are_validated():
     with pytest.raises(L.LoraxInputError, match="unknown equation"):
         C.check(L.transfer_same_dim, "eq99")
     with pytest.raises(L.LoraxInputError, match="framework"):
-        C.Adapter(framework="jax")
+        C.Convention(framework="jax")
     with pytest.raises(L.LoraxInputError, match="bases"):
-        C.Adapter(bases="U")
+        C.Convention(bases="U")
     with pytest.raises(L.LoraxInputError, match="callable"):
         C.check(42, "eq3")
     with pytest.raises(L.LoraxInputError, match="MODULE_OR_FILE:FUNCTION"):
         C.check("not a function", "eq3")  # a string is a target to load in a child process
     with pytest.raises(L.LoraxInputError, match="dtype"):
-        C.Adapter(dtype="float8")
+        C.Convention(dtype="float8")
     with pytest.raises(L.LoraxInputError, match="numpy has no bfloat16"):
-        C.check(L.transfer_same_dim, "eq3", C.Adapter(framework="numpy"), dtype="bfloat16")
+        C.check(L.transfer_same_dim, "eq3", C.Convention(framework="numpy"), dtype="bfloat16")
     if not torch.cuda.is_available():
         with pytest.raises(L.LoraxInputError, match="device 'cuda' is not available"):
-            C.check(L.transfer_same_dim, "eq3", C.Adapter(device="cuda"))
+            C.check(L.transfer_same_dim, "eq3", C.Convention(device="cuda"))
     with pytest.raises(L.LoraxInputError, match="call hook"):
-        C.check("x.py:f", "eq3", C.Adapter(call=lambda f, i: f(**i)))
+        C.check("x.py:f", "eq3", C.Convention(call=lambda f, i: f(**i)))
     with pytest.raises(L.LoraxInputError, match="max_examples"):
         C.check(L.transfer_same_dim, "eq3", max_examples=0)
     with pytest.raises(L.LoraxInputError, match="shrink_steps"):
@@ -420,12 +421,12 @@ def numpy_eq3(dW_s, U_t, V_t):
     return U_t.dot(U_t.T).dot(dW_s).dot(V_t).dot(V_t.T)  # ndarray.dot; torch's .dot is 1-D only
 
 
-def test_numpy_candidate_passes_with_the_numpy_adapter():
-    assert run(numpy_eq3, "eq3", C.Adapter(framework="numpy")).passed
+def test_numpy_candidate_passes_with_the_numpy_convention():
+    assert run(numpy_eq3, "eq3", C.Convention(framework="numpy")).passed
 
 
 def test_torch_candidate_given_numpy_arrays_is_a_convention_mismatch():
-    result = run(L.transfer_same_dim, "eq3", C.Adapter(framework="numpy"))
+    result = run(L.transfer_same_dim, "eq3", C.Convention(framework="numpy"))
     assert result.diagnosis == "convention mismatch"
     assert "framework='torch'" in result.diagnosis_message and "--framework torch" in result.diagnosis_message
 
@@ -438,7 +439,7 @@ def test_vh_candidate_is_told_apart_from_a_wrong_formula():
 
 
 def test_reference_given_vh_is_a_convention_mismatch_even_on_square_layers():
-    result = run(L.transfer_same_dim, "eq3", C.Adapter(bases="Vh"))
+    result = run(L.transfer_same_dim, "eq3", C.Convention(bases="Vh"))
     assert result.diagnosis == "convention mismatch" and "bases='V'" in result.diagnosis_message
 
 
@@ -448,12 +449,12 @@ def test_call_hook_wires_another_signature():
         return U_t @ U_t.T @ update @ V_t @ V_t.T
 
     hook = lambda f, i: f(target_bases=(i["U_t"], i["V_t"]), update=i["dW_s"])  # noqa: E731
-    assert run(my_transfer, "eq3", C.Adapter(call=hook)).passed
+    assert run(my_transfer, "eq3", C.Convention(call=hook)).passed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_inputs():
-    assert run(L.transfer_same_dim, "eq3", C.Adapter(device="cuda")).passed
+    assert run(L.transfer_same_dim, "eq3", C.Convention(device="cuda")).passed
 
 
 # --------------------------------------------------------------------------------------- golden file
@@ -480,39 +481,31 @@ def test_golden_file_is_what_the_script_writes():
 def _numpy_expected(label, i):
     """Independent numpy/scipy values for a golden case (never lorax_ref)."""
     A = {k: np.asarray(v, dtype=float) if isinstance(v, list) else v for k, v in i.items()}
-    full = lambda d: np.diag(d) if d.ndim == 1 else d  # noqa: E731
-    proj = lambda X, U, V: U @ U.T @ X @ V @ V.T  # noqa: E731
-    lstsq = lambda B_s, B_t: np.linalg.lstsq(B_s.T, B_t.T, rcond=None)[0].T  # noqa: E731
-
-    def mismatch(dW, U_s, V_s, U_t, V_t):
-        P, Q = lstsq(U_s, U_t), lstsq(V_s, V_t)
-        return U_t @ (U_t.T @ P @ U_s @ (U_s.T @ dW @ V_s) @ (Q @ V_s).T @ V_t) @ V_t.T
-
     if label == "Eq. (1)":
-        return [A["U_s"] @ full(A["dSigma_s"]) @ A["V_s"].T]
+        return [A["U_s"] @ sigma_matrix(A["dSigma_s"]) @ A["V_s"].T]
     if label == "Eq. (2)":
-        return [proj(A["dW"], A["U"], A["V"])]
+        return [np_project(A["dW"], A["U"], A["V"])]
     if label == "Eq. (3)":
-        return [proj(A["dW_s"], A["U_t"], A["V_t"])]
+        return [np_project(A["dW_s"], A["U_t"], A["V_t"])]
     if label == "Eq. (3) rotation form":
-        return [A["U_t"].T @ A["U_s"] @ full(A["dSigma_s"]) @ A["V_s"].T @ A["V_t"]]
+        return [A["U_t"].T @ A["U_s"] @ sigma_matrix(A["dSigma_s"]) @ A["V_s"].T @ A["V_t"]]
     if label == "Eq. (3) low-rank form":
         return [A["U_t"] @ A["U_t"].T @ A["B"], A["A"] @ A["V_t"] @ A["V_t"].T]
     if label == "Table 5 ablation":
-        return [A["U_t"] @ full(A["dSigma_s"]) @ A["V_t"].T]
+        return [A["U_t"] @ sigma_matrix(A["dSigma_s"]) @ A["V_t"].T]
     if label == "§4.2.2 alignment maps":
         return [A["U_t"] @ sla.pinv(A["U_s"]), A["V_t"] @ sla.pinv(A["V_s"])]  # P̂ = U_t U_s⁺ (scipy pinv)
     if label == "§4.2.2":
-        return [mismatch(A["dW_s"], A["U_s"], A["V_s"], A["U_t"], A["V_t"])]
+        return [np_mismatch(A["dW_s"], A["U_s"], A["V_s"], A["U_t"], A["V_t"])]
     if label == "Eq. (4)":
-        return [np.mean(np.cos(sla.subspace_angles(A["U_a"], A["U_b"])) ** 2)]
+        return [np_phi(A["U_a"], A["U_b"])]
     if label == "Layer transfer":
         r = A["r"]
         U_s, V_s = top_r_bases(A["W_s"], r)
         U_t, V_t = top_r_bases(A["W_t"], r)
         if A["W_s"].shape == A["W_t"].shape:
-            return [proj(A["dW_s"], U_t, V_t)]
-        return [mismatch(A["dW_s"], U_s, V_s, U_t, V_t)]
+            return [np_project(A["dW_s"], U_t, V_t)]
+        return [np_mismatch(A["dW_s"], U_s, V_s, U_t, V_t)]
     raise AssertionError(label)
 
 
@@ -622,7 +615,7 @@ HOSTILE = {
     "chatty.py": ("import os, sys\nprint('import-time chatter')\ndef f(dW_s, U_t, V_t):\n    print('call-time chatter')\n"
                   "    os.write(1, b'raw write to fd 1\\n')\n    print('to stderr', file=sys.stderr)\n"
                   "    return U_t @ U_t.T @ dW_s @ V_t @ V_t.T\n"),
-    "float32_eq3.py": "from lorax_ref.gallery import eq3_float32_projectors as f\n",
+    "float32_eq3.py": "from lorax_ref.conformance.gallery import eq3_float32_projectors as f\n",
     "wrong.py": "def f(dW_s, U_t, V_t):\n    return dW_s\n",
 }
 # Each is a real `python -m lorax_ref verify` (two processes, a few seconds of start-up): for what only the whole
@@ -744,5 +737,5 @@ def test_default_settings_take_under_20_seconds(label):
 @pytest.mark.parametrize("entry", gallery.ALL, ids=lambda e: e.name)
 def test_default_settings_on_the_gallery_take_under_20_seconds(entry):
     t0 = time.perf_counter()
-    C.check(entry.func, entry.equation, entry.adapter)
+    C.check(entry.func, entry.equation, entry.convention)
     assert time.perf_counter() - t0 < 20 + (5 if entry.name == "hangs" else 0)

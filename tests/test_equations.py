@@ -12,37 +12,20 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import lorax_ref as L
+from lorax_ref.testing.oracles import np64 as N
+from lorax_ref.testing.oracles import np_phi as oracle_phi
+from lorax_ref.testing.oracles import np_project as oracle_project
+from lorax_ref.testing.oracles import rel, sigma_matrix
+from lorax_ref.testing.oracles import t64 as T
 from lorax_ref.testing.strategies import cases, matrices, orthonormal, shapes, top_r_bases
 
 TOL = 1e-7  # float64, relative to the input's norm; subspaces of the strategies have gaps >= 5%
-
-
-def T(a, device="cpu"):
-    return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float64, device=device)
-
-
-def N(t):
-    return t.detach().cpu().numpy()
-
-
-def rel(a, b, scale=None):
-    """‖a − b‖_F / scale (default ‖b‖_F), with numpy inputs."""
-    scale = np.linalg.norm(b) if scale is None else scale
-    return np.linalg.norm(np.asarray(a) - np.asarray(b)) / max(scale, 1e-300)
-
-
-def sigma_matrix(dSigma):
-    return np.diag(dSigma) if dSigma.ndim == 1 else dSigma
 
 
 def oracle_delta(case):
     """ΔW_s = Ū_s ΔΣ_s V̄_sᵀ with numpy's bases."""
     U_s, V_s = top_r_bases(case.W_s, case.r)
     return U_s @ sigma_matrix(case.dSigma_s) @ V_s.T  # (m, n)
-
-
-def oracle_project(dW, U, V):
-    return (U @ U.T) @ dW @ (V @ V.T)  # explicit (m,m) and (n,n) projectors
 
 
 def bases(W, r, device):
@@ -299,11 +282,6 @@ def test_sec422_counter_mismatch_rule_differs_from_eq3_at_equal_shapes(case, see
 
 
 # ------------------------------------------------------------------------------------------ Eq. (4)
-
-
-def oracle_phi(A, B):
-    """Mean cos² of scipy's principal angles between the column spans."""
-    return float(np.mean(np.cos(sla.subspace_angles(A, B)) ** 2))
 
 
 @given(cases())

@@ -9,12 +9,9 @@ import torch
 
 import lorax_ref as L
 from lorax_ref import LoraxInputError
+from lorax_ref.testing.oracles import t64 as T
 
 RNG = np.random.default_rng(0)
-
-
-def T(a):
-    return torch.as_tensor(a, dtype=torch.float64)
 
 
 W_s = T(RNG.standard_normal((8, 6)))

@@ -27,6 +27,14 @@ def test_every_equation_has_a_test(label):
     assert users, f"no test calls {name} ({label})"
 
 
+@pytest.mark.parametrize("label", list(EQUATIONS))
+def test_every_equation_is_called_in_the_equation_tests(label):
+    """Notebook 05's audit ("verified by unit tests") relies on this: the property tests of the equations
+    call every function of the registry."""
+    name = EQUATIONS[label].__name__
+    assert re.search(rf"\b{name}\(", TESTS["test_equations.py"]), f"tests/test_equations.py never calls {name} ({label})"
+
+
 def test_labels_and_slugs_are_unique_and_resolvable():
     slugs = [slug(label) for label in EQUATIONS]
     assert len(set(slugs)) == len(slugs)

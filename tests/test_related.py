@@ -23,20 +23,14 @@ from lorax_ref.related import (
     prolora_transfer,
     subspace_split,
 )
+from lorax_ref.testing.oracles import np64 as np_
+from lorax_ref.testing.oracles import t64
 from lorax_ref.testing.strategies import Case, cases, top_r_bases
 
 RTOL = 1e-7  # on ‖·‖_F relative to ‖ΔW‖_F, float64
 
 
 # ----------------------------------------------------------------------------- helpers and oracles
-
-
-def t64(x: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64, device=device)
-
-
-def np_(x: torch.Tensor) -> np.ndarray:
-    return x.detach().cpu().numpy()
 
 
 def plain_lora(case: Case, rank: int = 3) -> np.ndarray:

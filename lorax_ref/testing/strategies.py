@@ -6,7 +6,8 @@ condition number up to ``max_cond`` (1e6 by default) and a minimum relative gap 
 values, so the top-r subspace is well separated and an independent SVD (numpy) finds the same one.
 
 Everything is returned as float64 numpy arrays: tests and the conformance kit convert them to the
-device, dtype and framework under test. Used by ``tests/`` and by :mod:`lorax_ref.conformance`.
+device, dtype and framework under test. Used by ``tests/`` and by :mod:`lorax_ref.conformance`; the
+plain samplers and oracles they build on (no hypothesis needed) are in :mod:`lorax_ref.testing.oracles`.
 """
 from __future__ import annotations
 
@@ -15,21 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
+from .oracles import near_identity_rotation, orthonormal, top_r_bases  # noqa: F401 — plain samplers and the SVD oracle, re-exported
+
 MAX_DIM = 32
 MAX_COND = 1e6
 MIN_GAP = 0.05  # s_{i+1} <= (1 - MIN_GAP) · s_i
-
-
-def orthonormal(rng: np.random.Generator, m: int, k: int) -> np.ndarray:
-    """``(m, k)`` with orthonormal columns, Haar-distributed (QR of a Gaussian, signs fixed by R)."""
-    Q, R = np.linalg.qr(rng.standard_normal((m, k)))  # (m, k), (k, k)
-    return Q * np.sign(np.diag(R))  # (m, k)
-
-
-def near_identity_rotation(rng: np.random.Generator, m: int, eps: float) -> np.ndarray:
-    """An ``(m, m)`` orthogonal matrix within O(eps) of the identity."""
-    Q, R = np.linalg.qr(np.eye(m) + eps * rng.standard_normal((m, m)))  # (m, m), (m, m)
-    return Q * np.sign(np.diag(R))  # (m, m); the sign fix keeps Q close to I
 
 
 @st.composite
@@ -127,16 +118,3 @@ def cases(
         full_sigma = draw(st.booleans())
     dSigma_s = rng.standard_normal((r, r) if full_sigma else r)  # (r, r) or (r,)
     return Case(W_s=W_s, W_t=W_t, r=r, dSigma_s=dSigma_s, target=target, seed=seed)
-
-
-def top_r_bases(W: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-    """numpy's top-r ``U (m, r)``, ``V (n, r)``: the independent oracle for :func:`lorax_ref.svd_topk`.
-
-    Applies the documented sign convention (largest-|·| entry of each u_i positive, v_i flipped with it),
-    written here in numpy independently of :func:`lorax_ref.linalg.sign_convention`.
-    """
-    U, _, Vh = np.linalg.svd(W, full_matrices=False)  # (m, k), (k,), (k, n)
-    U, V = U[:, :r], Vh[:r].T  # (m, r), (n, r)
-    signs = np.sign(U[np.abs(U).argmax(axis=0), np.arange(r)])  # (r,)
-    signs[signs == 0] = 1.0
-    return U * signs, V * signs

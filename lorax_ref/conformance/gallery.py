@@ -1,21 +1,22 @@
 """A gallery of LoRA-X implementations people really write, for the conformance kit.
 
-Each :class:`Entry` is a candidate function, the equation label it claims to implement, the adapter
+Each :class:`Entry` is a candidate function, the equation label it claims to implement, the convention
 to call it with, and the checks of :mod:`lorax_ref.conformance` that must catch it (``caught_by``).
 ``tests/test_conformance.py`` asserts that every entry fails at least those checks and that the kit's
 diagnosis is ``expected_diagnosis``; ``notebooks/10_verify_your_implementation.ipynb`` shows the reports.
 
-* :data:`WRONG` — wrong formulas: the three mistakes of the seed plan (notebook 05), ``Vh`` used for
-  ``V``, no truncation, Φ normalised by ``r_s·r_t``, padding or cropping instead of projecting, a
-  forgotten ``α/r``, a copy instead of the rotation — and the behaviours of two public re-implementations
-  (re-created here, not copied): LoRA factors padded or cropped instead of projected, a layer gate on a
-  Φ normalised by ``r_s·r_t`` with a 0.3 threshold, a similarity that crops rows when heights differ.
+* :data:`WRONG` — wrong formulas: the three mistakes of the first implementation audited in notebook 05,
+  ``Vh`` used for ``V``, no truncation, Φ normalised by ``r_s·r_t``, padding or cropping instead of
+  projecting, a forgotten ``α/r``, a copy instead of the rotation — and the behaviours of two public
+  re-implementations (re-created here, not copied): LoRA factors padded or cropped instead of projected, a
+  layer gate on a Φ normalised by ``r_s·r_t`` with a 0.3 threshold, a similarity that crops rows when heights
+  differ.
 * :data:`CONVENTION` — right formulas written for another convention (``Vh`` bases, numpy arrays): the
   kit must say "convention mismatch", not "wrong formula".
 * :data:`PRECISION` — right formulas computed in float32, float16 or bfloat16 (as most real code is),
   and an Eq. (3) that only runs on float32 inputs: by default the kit fails them (its float64 tolerances
   are far below their rounding) but says "lower precision", never "wrong formula", and every check
-  passes with ``Adapter(dtype=...)`` / ``--dtype``.
+  passes with ``Convention(dtype=...)`` / ``--dtype``.
 * :data:`BROKEN` — candidates that raise, return the wrong shape, return NaN or hang: reported, not
   crashed on.
 
@@ -32,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .conformance import Adapter
+from .calling import Convention
 
 
 @dataclass(frozen=True)
@@ -44,17 +45,17 @@ class Entry:
     why: str  # what is wrong, in one or two sentences
     caught_by: tuple[str, ...]  # check ids that must fail
     expected_diagnosis: str = "wrong formula"
-    adapter: Adapter = field(default_factory=Adapter)
-    fixed_by: Adapter | None = None  # CONVENTION and PRECISION entries: the adapter under which every check passes
+    convention: Convention = field(default_factory=Convention)
+    fixed_by: Convention | None = None  # CONVENTION and PRECISION entries: the convention under which every check passes
 
 
 # ---------------------------------------------------------------------------------------------------
-# The seed plan (notebook 05): its three mistakes
+# The implementation audited in notebook 05: its three mistakes
 # ---------------------------------------------------------------------------------------------------
 
 
 def seed_base_singular_values(dW_s, W_s, W_t, r):
-    """Seed plan, step 1: ``delta_sigma_s = torch.diag(S_s)``."""
+    """The plan of notebook 05, step 1: ``delta_sigma_s = torch.diag(S_s)``."""
     U_s, S_s, Vh_s = torch.linalg.svd(W_s, full_matrices=False)
     U_t, S_t, Vh_t = torch.linalg.svd(W_t, full_matrices=False)
     U_s, S_s, V_s = U_s[:, :r], S_s[:r], Vh_s[:r].T
@@ -65,14 +66,14 @@ def seed_base_singular_values(dW_s, W_s, W_t, r):
 
 
 def seed_pinv_of_cross_product(U_s, V_s, U_t, V_t):
-    """Seed plan, step 2: ``P = U_t @ pinv(U_s.T @ U_t) @ U_s.T``."""
+    """The plan of notebook 05, step 2: ``P = U_t @ pinv(U_s.T @ U_t) @ U_s.T``."""
     P = U_t @ torch.linalg.pinv(U_s.T @ U_t) @ U_s.T  # WRONG: U_s.T @ U_t needs m_s = m_t; not argmin ‖P U_s − U_t‖
     Q = V_t @ torch.linalg.pinv(V_s.T @ V_t) @ V_s.T
     return P, Q
 
 
 def seed_ill_typed_alignment(dW_s, U_s, V_s, U_t, V_t):
-    """Seed plan, step 4: ``delta_sigma_s = U_s_aligned.T @ delta_W_s @ V_s_aligned`` (with correct P̂, Q̂)."""
+    """The plan of notebook 05, step 4: ``delta_sigma_s = U_s_aligned.T @ delta_W_s @ V_s_aligned`` (with correct P̂, Q̂)."""
     P = U_t @ torch.linalg.pinv(U_s)  # the least-squares P̂ (step 2 fixed), so only mistake 3 remains
     Q = V_t @ torch.linalg.pinv(V_s)
     U_s_aligned, V_s_aligned = P @ U_s, Q @ V_s  # (m_t, r), (n_t, r)
@@ -339,7 +340,7 @@ WRONG: list[Entry] = [
     Entry("forgot_alpha_over_r", "Layer transfer", forgot_alpha_over_r,
           "a forgotten α/r when merging a PEFT LoRA",
           "PEFT's ΔW is (α/r)·B·A; merging B·A alone scales the whole update by r/α.",
-          ("value", "source-is-target"), adapter=Adapter(call=as_peft_factors)),
+          ("value", "source-is-target"), convention=Convention(call=as_peft_factors)),
     Entry("copy_without_rotation", "Eq. (3) rotation form", copy_without_rotation,
           "no rotation: ΔΣ_t←s := ΔΣ_s",
           "Pairs the i-th source direction with the i-th target direction whatever their angle (the paper's "
@@ -368,11 +369,11 @@ CONVENTION: list[Entry] = [
           "right formula, written for Vh (r, n)",
           "Correct when given Vh; with V it raises on rectangular layers and is silently wrong on none — the "
           "kit finds that every check passes with bases='Vh'.",
-          ("value",), expected_diagnosis="convention mismatch", fixed_by=Adapter(bases="Vh")),
+          ("value",), expected_diagnosis="convention mismatch", fixed_by=Convention(bases="Vh")),
     Entry("written_for_numpy", "Eq. (3) rotation form", written_for_numpy,
           "right formula, written for numpy arrays",
           "Correct for numpy arrays; torch tensors have no 2-D .dot.",
-          ("value",), expected_diagnosis="convention mismatch", fixed_by=Adapter(framework="numpy")),
+          ("value",), expected_diagnosis="convention mismatch", fixed_by=Convention(framework="numpy")),
 ]
 
 PRECISION: list[Entry] = [
@@ -380,17 +381,17 @@ PRECISION: list[Entry] = [
           "Eq. (3) that only runs in float32",
           "Casts the bases to float32 but not ΔW_s: float64 inputs raise a dtype error. The formula is right "
           "at float32 precision.",
-          ("golden", "value"), expected_diagnosis="lower precision", fixed_by=Adapter(dtype="float32")),
+          ("golden", "value"), expected_diagnosis="lower precision", fixed_by=Convention(dtype="float32")),
     *(Entry(f.__name__, label, f, f"right formula computed in {dtype}",
             f"{label} with every input cast to {dtype}: right, with errors of a few {dtype} roundoffs.",
-            caught, expected_diagnosis="lower precision", fixed_by=Adapter(dtype=dtype))
+            caught, expected_diagnosis="lower precision", fixed_by=Convention(dtype=dtype))
       for label, caught, fs in (("Eq. (1)", ("golden", "value-diag", "value-full"), (eq1_in_float32, eq1_in_float16, eq1_in_bfloat16)),
                                 ("Eq. (3)", ("golden", "value"), (eq3_in_float32, eq3_in_float16, eq3_in_bfloat16)),
                                 ("Eq. (4)", ("golden", "value"), (eq4_in_float32, eq4_in_float16, eq4_in_bfloat16)))
       for f, dtype in zip(fs, ("float32", "float16", "bfloat16"))),
     Entry("layer_in_float32", "Layer transfer", layer_in_float32, "Layer transfer with its SVD in float32",
           "The top-r SVD bases of W_t with Eq. (3) (§4.2.2 for other shapes), all in float32.",
-          ("golden", "value"), expected_diagnosis="lower precision", fixed_by=Adapter(dtype="float32")),
+          ("golden", "value"), expected_diagnosis="lower precision", fixed_by=Convention(dtype="float32")),
 ]
 
 BROKEN: list[Entry] = [
