@@ -24,25 +24,16 @@ from lorax_ref.core import transfer_layer_from_bases
 from lorax_ref.files.cache import BasisCache
 from lorax_ref.files.checkpoints import open_checkpoint
 from lorax_ref.testing.checksums import files_sha256
+from lorax_ref.testing.layers import near
+from lorax_ref.testing.layers import spectral as _spectral
 
 # ---------------------------------------------------------------------------------------------------------
 # builders
 # ---------------------------------------------------------------------------------------------------------
 
 
-def spectral(m: int, n: int, seed: int, decay: float = 0.85) -> torch.Tensor:
-    """A float64 (m, n) matrix with separated singular values 10·decay^i (well-defined top-r bases)."""
-    g = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    Q1, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
-    Q2, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
-    s = 10.0 * decay ** torch.arange(k, dtype=torch.float64)
-    return (Q1 * s) @ Q2.T
-
-
-def perturbed(W: torch.Tensor, eps: float, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return W + eps * W.norm() / math.sqrt(W.numel()) * torch.randn(W.shape, generator=g, dtype=W.dtype)
+def spectral(m, n, seed, decay=0.85):
+    return _spectral(m, n, seed, decay)
 
 
 def write_ckpt(path, weights: dict[str, torch.Tensor], dtype=torch.float32):
@@ -274,7 +265,7 @@ def test_write_read_round_trip_all_formats(tmp_path, dtype):
 @pytest.mark.parametrize("side,threshold", [("both", None), ("u", 0.5), ("v", 0.99), ("mean", 0.3)])
 def test_from_bases_equals_transfer_layer(method, side, threshold):
     W_s, r = spectral(12, 9, 0), 4
-    W_t = perturbed(W_s, 0.3, 1)
+    W_t = near(W_s, 0.3, 1)
     dW_s = np_delta(*lora_factors(12, 9, 3, 2, torch.float64), 0.7)
     dW_s = torch.from_numpy(dW_s)
     ref, rep_ref = transfer_layer(dW_s, W_s, W_t, r, threshold=threshold, side=side, method=method)
@@ -344,7 +335,7 @@ def test_identical_base_round_trip_in_subspace_lora_and_lorax(tmp_path):
 @pytest.mark.parametrize("method", ["auto", "copy", "mismatch"])
 def test_transfer_matches_reference_per_layer(tmp_path, method):
     src = {"l.0.q": spectral(12, 10, 0), "l.0.v": spectral(12, 10, 1)}
-    tgt = {k: perturbed(v, 0.4, i + 5) for i, (k, v) in enumerate(src.items())}
+    tgt = {k: near(v, 0.4, i + 5) for i, (k, v) in enumerate(src.items())}
     s_path = write_ckpt(tmp_path / "s.safetensors", src, torch.float64)
     t_path = write_ckpt(tmp_path / "t.safetensors", tgt, torch.float64)
     r = 3
@@ -366,7 +357,7 @@ def test_transfer_matches_reference_per_layer(tmp_path, method):
 def test_fp16_adapter_keeps_dtype_and_contiguity(tmp_path):
     src = {"m": spectral(8, 6, 0)}
     s_path = write_ckpt(tmp_path / "s.safetensors", src)
-    t_path = write_ckpt(tmp_path / "t.safetensors", {"m": perturbed(src["m"], 0.2, 1)})
+    t_path = write_ckpt(tmp_path / "t.safetensors", {"m": near(src["m"], 0.2, 1)})
     with open_checkpoint(str(s_path)) as cs, open_checkpoint(str(t_path)) as ct:
         ad = random_adapter(cs, "kohya", r".", rank=2, seed=0, dtype=torch.float16)
         (out,) = transfer_adapter(ad, cs, ct, r=3).adapter.layers
@@ -376,7 +367,7 @@ def test_fp16_adapter_keeps_dtype_and_contiguity(tmp_path):
 
 def test_fan_in_fan_out_transfer_uses_stored_orientation(tmp_path):
     W_s = spectral(5, 9, 0)  # stored (in=5, out=9) like GPT-2 Conv1D
-    W_t = perturbed(W_s, 0.3, 1)
+    W_t = near(W_s, 0.3, 1)
     s_path = write_ckpt(tmp_path / "s.safetensors", {"h.c_attn": W_s}, torch.float64)
     t_path = write_ckpt(tmp_path / "t.safetensors", {"h.c_attn": W_t}, torch.float64)
     B, A = lora_factors(9, 5, 2, 3, torch.float64)  # nn.Linear sense: B (out, k), A (k, in)
@@ -420,7 +411,7 @@ def test_lorax_refuses_other_base_unless_asked(tmp_path):
 def test_cache_hits_give_identical_results_and_corruption_is_not_trusted(tmp_path):
     src = {"l.0.q": spectral(10, 8, 0), "l.0.v": spectral(10, 8, 1)}
     s_path = write_ckpt(tmp_path / "s.safetensors", src)
-    t_path = write_ckpt(tmp_path / "t.safetensors", {k: perturbed(v, 0.3, 2) for k, v in src.items()})
+    t_path = write_ckpt(tmp_path / "t.safetensors", {k: near(v, 0.3, 2) for k, v in src.items()})
     with open_checkpoint(str(s_path)) as cs, open_checkpoint(str(t_path)) as ct:
         ad = random_adapter(cs, "peft", r".", rank=2)
         first = BasisCache(tmp_path / "cache")
@@ -483,7 +474,7 @@ def test_peft_output_names_a_base_transformers_can_load(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_transfer_on_cuda_matches_cpu(tmp_path):
     src = {"l.0.q": spectral(40, 32, 0), "l.0.ffn": spectral(48, 32, 1)}
-    tgt = {"l.0.q": perturbed(src["l.0.q"], 0.3, 2), "l.0.ffn": src["l.0.ffn"][:40].clone()}
+    tgt = {"l.0.q": near(src["l.0.q"], 0.3, 2), "l.0.ffn": src["l.0.ffn"][:40].clone()}
     s_path = write_ckpt(tmp_path / "s.safetensors", src)
     t_path = write_ckpt(tmp_path / "t.safetensors", tgt)
     with open_checkpoint(str(s_path)) as cs, open_checkpoint(str(t_path)) as ct:
@@ -506,7 +497,7 @@ def _overflow_pair(tmp_path):
     rule writes B' = U_t X S (columns of norm σ_i) and ΔΣ ≈ diag(σ_i): beyond fp16's 65504."""
     W_s = spectral(12, 10, 0)
     s_path = write_ckpt(tmp_path / "s.safetensors", {"blk.q": W_s})
-    t_path = write_ckpt(tmp_path / "t.safetensors", {"blk.q": perturbed(W_s, 0.1, 1)})
+    t_path = write_ckpt(tmp_path / "t.safetensors", {"blk.q": near(W_s, 0.1, 1)})
     g = torch.Generator().manual_seed(0)
     B = (3e4 * torch.rand(12, 4, generator=g, dtype=torch.float64)).half()  # (m, k), finite in fp16
     A = torch.rand(4, 10, generator=g, dtype=torch.float64).half()  # (k, n)

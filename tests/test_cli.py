@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from lorax_ref import svd_topk, transfer_layer
 from lorax_ref.testing.checksums import files_sha256
 from lorax_ref.cli import main
+from lorax_ref.testing.layers import near, spectral
 
 R = 4  # LoRA-X rank used throughout
 
@@ -31,19 +32,6 @@ R = 4  # LoRA-X rank used throughout
 # ---------------------------------------------------------------------------------------------------------
 # fixtures: a source and a target checkpoint with every case in them
 # ---------------------------------------------------------------------------------------------------------
-
-
-def spectral(m, n, seed, decay=0.8):
-    g = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    Q1, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
-    Q2, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
-    return (Q1 * (10.0 * decay ** torch.arange(k, dtype=torch.float64))) @ Q2.T
-
-
-def near(W, eps, seed):
-    g = torch.Generator().manual_seed(seed)
-    return W + eps * W.norm() / math.sqrt(W.numel()) * torch.randn(W.shape, generator=g, dtype=W.dtype)
 
 
 SOURCE = {  # name -> weight (m, n); "proj_in" is a 1×1 conv like SD-1.5's

@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from lorax_ref import predict
 from lorax_ref.testing.checksums import files_sha256
 from lorax_ref.cli import main
+from lorax_ref.testing.layers import near, rotation
+from lorax_ref.testing.layers import spectral as _spectral
 
 R = 4  # rank of the bases on the small checkpoints
 
@@ -32,23 +34,8 @@ R = 4  # rank of the bases on the small checkpoints
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _orth(g, n, k):
-    return torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))[0]
-
-
 def spectral(m, n, seed, decay=0.75):
-    g = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    return (_orth(g, m, k) * (10.0 * decay ** torch.arange(k, dtype=torch.float64))) @ _orth(g, n, k).T
-
-
-def near(W, eps, seed):
-    g = torch.Generator().manual_seed(seed)
-    return W + eps * W.norm() / math.sqrt(W.numel()) * torch.randn(W.shape, generator=g, dtype=W.dtype)
-
-
-def _rotation(n, seed):
-    return _orth(torch.Generator().manual_seed(seed), n, n)
+    return _spectral(m, n, seed, decay)
 
 
 SOURCE = {
@@ -59,7 +46,7 @@ SOURCE = {
 }
 TARGET = {
     "enc.0.q": near(SOURCE["enc.0.q"], 0.02, 10),  # near-identical: Φ ≈ 1
-    "enc.0.v": _rotation(16, 11) @ SOURCE["enc.0.v"] @ _rotation(12, 12).T,  # the same layer, rotated coordinates
+    "enc.0.v": rotation(16, 11) @ SOURCE["enc.0.v"] @ rotation(12, 12).T,  # the same layer, rotated coordinates
     "enc.0.ffn": SOURCE["enc.0.ffn"][:20].clone(),  # 4 neurons pruned: §4.2.2
     "enc.1.q": spectral(16, 12, 99, decay=0.6),  # unrelated (another spectrum: with the same one it would be a rotation)
 }

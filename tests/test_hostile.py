@@ -34,6 +34,7 @@ from lorax_ref.files.example import random_adapter
 from lorax_ref.files.transfer import transfer_adapter
 from lorax_ref.files.checkpoints import open_checkpoint
 from lorax_ref.cli import main
+from lorax_ref.testing.layers import near, spectral
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -41,19 +42,6 @@ NO_CUDA = not torch.cuda.is_available()
 # ---------------------------------------------------------------------------------------------------------
 # the inputs: small checkpoints and adapters, plus the bad files
 # ---------------------------------------------------------------------------------------------------------
-
-
-def spectral(m, n, seed, decay=0.8):
-    g = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    Q1, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
-    Q2, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
-    return (Q1 * (10.0 * decay ** torch.arange(k, dtype=torch.float64))) @ Q2.T
-
-
-def near(W, eps, seed):
-    g = torch.Generator().manual_seed(seed)
-    return W + eps * W.norm() / math.sqrt(W.numel()) * torch.randn(W.shape, generator=g, dtype=W.dtype)
 
 
 def _ckpt(path, weights):
