@@ -54,7 +54,7 @@ class Entry:
 # ---------------------------------------------------------------------------------------------------
 
 
-def seed_base_singular_values(dW_s, W_s, W_t, r):
+def plan_base_singular_values(dW_s, W_s, W_t, r):
     """The plan of notebook 05, step 1: ``delta_sigma_s = torch.diag(S_s)``."""
     U_s, S_s, Vh_s = torch.linalg.svd(W_s, full_matrices=False)
     U_t, S_t, Vh_t = torch.linalg.svd(W_t, full_matrices=False)
@@ -65,14 +65,14 @@ def seed_base_singular_values(dW_s, W_s, W_t, r):
     return U_t @ delta_sigma_transfer @ V_t.T
 
 
-def seed_pinv_of_cross_product(U_s, V_s, U_t, V_t):
+def plan_pinv_of_cross_product(U_s, V_s, U_t, V_t):
     """The plan of notebook 05, step 2: ``P = U_t @ pinv(U_s.T @ U_t) @ U_s.T``."""
     P = U_t @ torch.linalg.pinv(U_s.T @ U_t) @ U_s.T  # WRONG: U_s.T @ U_t needs m_s = m_t; not argmin ‖P U_s − U_t‖
     Q = V_t @ torch.linalg.pinv(V_s.T @ V_t) @ V_s.T
     return P, Q
 
 
-def seed_ill_typed_alignment(dW_s, U_s, V_s, U_t, V_t):
+def plan_ill_typed_alignment(dW_s, U_s, V_s, U_t, V_t):
     """The plan of notebook 05, step 4: ``delta_sigma_s = U_s_aligned.T @ delta_W_s @ V_s_aligned`` (with correct P̂, Q̂)."""
     P = U_t @ torch.linalg.pinv(U_s)  # the least-squares P̂ (step 2 fixed), so only mistake 3 remains
     Q = V_t @ torch.linalg.pinv(V_s)
@@ -301,17 +301,17 @@ def hangs(dW_s, U_t, V_t):
 # ---------------------------------------------------------------------------------------------------
 
 WRONG: list[Entry] = [
-    Entry("seed_base_singular_values", "Layer transfer", seed_base_singular_values,
-          "seed plan mistake 1: ΔΣ_s := diag(S_s) of the base weight",
+    Entry("plan_base_singular_values", "Layer transfer", plan_base_singular_values,
+          "original plan, mistake 1: ΔΣ_s := diag(S_s) of the base weight",
           "The adapter never enters: it transfers the rank-r part of the source base weight itself.",
           ("value", "source-is-target", "linear", "golden")),
-    Entry("seed_pinv_of_cross_product", "§4.2.2 alignment maps", seed_pinv_of_cross_product,
-          "seed plan mistake 2: P = U_t (U_sᵀU_t)⁺ U_sᵀ",
+    Entry("plan_pinv_of_cross_product", "§4.2.2 alignment maps", plan_pinv_of_cross_product,
+          "original plan, mistake 2: P = U_t (U_sᵀU_t)⁺ U_sᵀ",
           "U_sᵀU_t cannot be formed when m_s ≠ m_t — the only case the branch exists for — and even at equal "
           "sizes it is not the least-squares P̂ = U_t U_s⁺.",
           ("value", "value-same-shape", "exact-fit")),
-    Entry("seed_ill_typed_alignment", "§4.2.2", seed_ill_typed_alignment,
-          "seed plan mistake 3: U_s_alignedᵀ @ ΔW_s",
+    Entry("plan_ill_typed_alignment", "§4.2.2", plan_ill_typed_alignment,
+          "original plan, mistake 3: U_s_alignedᵀ @ ΔW_s",
           "Multiplies a target-space basis by a source-space matrix: raises for different shapes and silently "
           "computes Eq. (3) for equal shapes.",
           ("value", "value-same-shape")),
