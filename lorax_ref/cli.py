@@ -445,11 +445,24 @@ def cmd_random(args) -> int:
 
 
 def add_verify_parser(subparsers):
-    """The ``verify`` subcommand of the conformance kit, when :mod:`lorax_ref.conformance` exists."""
+    """The ``verify`` subcommand of the conformance kit, when :mod:`lorax_ref.conformance` exists; without
+    the kit's extra installed, a ``verify`` that says which one to install."""
     if importlib.util.find_spec("lorax_ref.conformance") is None:
         return None
-    from . import conformance
+    from .errors import LoraxInputError
 
+    try:
+        from . import conformance
+    except ModuleNotFoundError as exc:
+        missing = exc
+        parser = subparsers.add_parser("verify", help=f"check an implementation (needs {_install_hint(exc, 'conformance')})")
+        parser.add_argument("rest", nargs=argparse.REMAINDER)
+
+        def refuse(args):
+            raise LoraxInputError(f"verify needs {_install_hint(missing, 'conformance')}")
+
+        parser.set_defaults(func=refuse)
+        return parser
     return conformance.add_verify_parser(subparsers)
 
 
@@ -494,12 +507,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+# The package each optional import comes from -> the pyproject extra that installs it.
+EXTRA_OF = {"numpy": "files", "safetensors": "files", "tqdm": "files", "scipy": "conformance",
+            "hypothesis": "conformance", "onnx": "real", "tokenizers": "real"}
+
+
+def _install_hint(exc: ModuleNotFoundError, extra: str | None = None) -> str:
+    """``pip install 'lorax_ref[extra]'`` for a missing optional package, else the bare message."""
+    top = (exc.name or "").split(".")[0]
+    extra = extra or EXTRA_OF.get(top)
+    return f"{top}: pip install 'lorax_ref[{extra}]'" if extra else str(exc)
+
+
 def _describe(exc: BaseException) -> str:
     from .errors import LoraxInputError
 
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, LoraxInputError):
         return text
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in EXTRA_OF:
+        return f"this command needs {_install_hint(exc)}"
     if isinstance(exc, OSError):
         return f"{exc.strerror or text}: {exc.filename}" if getattr(exc, "filename", None) else text
     if isinstance(exc, AssertionError):

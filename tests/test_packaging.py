@@ -88,3 +88,32 @@ def test_each_extra_is_enough_for_its_part():
 def test_the_check_of_the_extras_can_fail():
     with pytest.raises(AssertionError, match="No module named 'hypothesis'"):
         _imports_with(("files",), "lorax_ref.testing.strategies")
+
+
+_CLI = _BLOCKER.replace("for module in sys.argv[2:]:\n    importlib.import_module(module)\n",
+                        "from lorax_ref.cli import main\nsys.exit(main(sys.argv[2:]))\n")
+
+
+def _cli_with(extras, *argv):
+    """``python -m lorax_ref *argv`` where only torch and the pyproject ``extras`` are installed."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    optional = project["optional-dependencies"]
+    third_party = set().union(*map(names, optional.values())) - {"peft", "transformers"}
+    allowed = names(project["dependencies"]).union(*(names(optional[e]) for e in extras))
+    code = _CLI.replace("{THIRD_PARTY}", repr(sorted(third_party)))
+    return subprocess.run([sys.executable, "-W", "ignore", "-c", code, ",".join(sorted(allowed)), *argv],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_the_command_line_names_the_extra_it_needs():
+    """With torch alone: --help works and each command that needs an extra says which, in one line."""
+    proc = _cli_with((), "--help")
+    assert proc.returncode == 0 and "verify" in proc.stdout and "lorax_ref[conformance]" in proc.stdout, proc.stderr
+    proc = _cli_with((), "verify", "x.py:f")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "lorax_ref: error: verify needs numpy: pip install 'lorax_ref[conformance]'"], proc.stderr
+    proc = _cli_with((), "random-adapter", "--base", "minilm-l6", "--out", "never-written")
+    assert proc.returncode == 1 and "pip install 'lorax_ref[files]'" in proc.stderr, proc.stderr
+    assert not (ROOT / "never-written").exists()
+    proc = _cli_with(("conformance",), "verify", "--list")
+    assert proc.returncode == 0 and "eq3" in proc.stdout, proc.stderr[-2000:]
