@@ -21,7 +21,7 @@ from lorax_ref.conformance import gallery
 from lorax_ref.conformance.compare import _kappa
 from lorax_ref.cli import main as cli_main
 from lorax_ref.registry import slug
-from lorax_ref.testing.oracles import np_mismatch, np_phi, np_project, sigma_matrix, t64, top_r_bases
+from lorax_ref.testing.oracles import np_mismatch, np_phi, np_project, sigma_matrix, t64, np_top_r_bases
 
 MAX = 6
 
@@ -271,12 +271,12 @@ def test_gallery_candidates_are_really_wrong_by_an_independent_computation():
     """The gallery is not wrong by accident of the kit: compare two entries with numpy directly."""
     rng = np.random.default_rng(0)
     W = rng.standard_normal((5, 5))
-    U, V = top_r_bases(W, 2)
+    U, V = np_top_r_bases(W, 2)
     dW = U @ np.diag([1.0, -2.0]) @ V.T
     T = functools.partial(t64, device="cpu")
     out = gallery.no_truncation(T(dW), T(W), T(W + 0.5 * rng.standard_normal((5, 5))), 2).numpy()
     assert np.allclose(out, dW)  # the full projector is the identity: the update is not transferred at all
-    Ua, Ub = top_r_bases(W, 3)[0], top_r_bases(rng.standard_normal((5, 5)), 3)[0]
+    Ua, Ub = np_top_r_bases(W, 3)[0], np_top_r_bases(rng.standard_normal((5, 5)), 3)[0]
     phi = np_phi(Ua, Ub)
     assert gallery.similarity_over_rs_rt(T(Ua), T(Ub)) == pytest.approx(phi / 3)
 
@@ -501,8 +501,8 @@ def _numpy_expected(label, i):
         return [np_phi(A["U_a"], A["U_b"])]
     if label == "Layer transfer":
         r = A["r"]
-        U_s, V_s = top_r_bases(A["W_s"], r)
-        U_t, V_t = top_r_bases(A["W_t"], r)
+        U_s, V_s = np_top_r_bases(A["W_s"], r)
+        U_t, V_t = np_top_r_bases(A["W_t"], r)
         if A["W_s"].shape == A["W_t"].shape:
             return [np_project(A["dW_s"], U_t, V_t)]
         return [np_mismatch(A["dW_s"], U_s, V_s, U_t, V_t)]

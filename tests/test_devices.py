@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lorax_ref as L
-from lorax_ref.testing.strategies import compose, top_r_bases
+from lorax_ref.testing.strategies import compose, np_top_r_bases
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 1e-1}
 
@@ -17,9 +17,9 @@ def case(seed=0, m=48, n=32, r=8):
     rng = np.random.default_rng(seed)
     s = np.geomspace(1.0, 1e-2, min(m, n))  # (k,) well separated: 15% relative gaps
     W_s, W_t = compose(rng, s, m, n), compose(rng, s, m, n)
-    U_np, V_np = top_r_bases(W_s, r)
+    U_np, V_np = np_top_r_bases(W_s, r)
     dW_s = U_np @ np.diag(rng.standard_normal(r)) @ V_np.T  # (m, n)
-    Ut_np, Vt_np = top_r_bases(W_t, r)
+    Ut_np, Vt_np = np_top_r_bases(W_t, r)
     expected = (Ut_np @ Ut_np.T) @ dW_s @ (Vt_np @ Vt_np.T)  # Eq. (3), numpy float64
     return W_s, W_t, dW_s, r, expected
 

@@ -17,14 +17,14 @@ from lorax_ref.testing.oracles import np_phi as oracle_phi
 from lorax_ref.testing.oracles import np_project as oracle_project
 from lorax_ref.testing.oracles import rel, sigma_matrix
 from lorax_ref.testing.oracles import t64 as T
-from lorax_ref.testing.strategies import cases, matrices, orthonormal, shapes, top_r_bases
+from lorax_ref.testing.strategies import cases, matrices, orthonormal, shapes, np_top_r_bases
 
 TOL = 1e-7  # float64, relative to the input's norm; subspaces of the strategies have gaps >= 5%
 
 
 def oracle_delta(case):
     """ΔW_s = Ū_s ΔΣ_s V̄_sᵀ with numpy's bases."""
-    U_s, V_s = top_r_bases(case.W_s, case.r)
+    U_s, V_s = np_top_r_bases(case.W_s, case.r)
     return U_s @ sigma_matrix(case.dSigma_s) @ V_s.T  # (m, n)
 
 
@@ -43,7 +43,7 @@ def test_svd_topk_matches_numpy(shape, data):
     r = data.draw(st.integers(1, min(m, n)))
     U, S, V = L.svd_topk(T(W), r)
     assert U.shape == (m, r) and S.shape == (r,) and V.shape == (n, r)
-    U_np, V_np = top_r_bases(W, r)
+    U_np, V_np = np_top_r_bases(W, r)
     s_np = np.linalg.svd(W, compute_uv=False)
     assert rel(N(S), s_np[:r]) < TOL
     assert rel(N(U) @ N(U).T, U_np @ U_np.T, np.sqrt(r)) < TOL  # same subspaces (vectors only up to sign)
@@ -76,7 +76,7 @@ def test_svd_topk_low_precision_is_decomposed_in_float32(dtype):
     assert U.dtype == S.dtype == V.dtype == dtype
     # reference: the SVD of the *rounded* input, in float64 — a float32 decomposition matches it to ~1e-6,
     # far below half-precision rounding of the result
-    U_ref, V_ref = top_r_bases(W.double().numpy(), 4)
+    U_ref, V_ref = np_top_r_bases(W.double().numpy(), 4)
     eps = torch.finfo(dtype).eps
     assert rel(U.double().numpy() @ U.double().numpy().T, U_ref @ U_ref.T, 2.0) < 20 * eps
     assert rel(V.double().numpy() @ V.double().numpy().T, V_ref @ V_ref.T, 2.0) < 20 * eps
@@ -97,7 +97,7 @@ def test_eq2_lorax_update_is_a_fixed_point_of_the_source_projector(case):
     """docs/identities.md §1: ŪŪᵀ ΔW_s V̄V̄ᵀ = ΔW_s for every LoRA-X update (oracle: numpy's projectors)."""
     U_s, V_s = bases(case.W_s, case.r, "cpu")
     dW = L.lorax_delta(U_s, T(case.dSigma_s), V_s)
-    U_np, V_np = top_r_bases(case.W_s, case.r)
+    U_np, V_np = np_top_r_bases(case.W_s, case.r)
     assert rel(oracle_project(N(dW), U_np, V_np), N(dW)) < TOL
     assert rel(N(L.project(dW, U_s, V_s)), N(dW)) < TOL
 
@@ -111,7 +111,7 @@ def test_eq2_counter_plain_lora_is_not_a_fixed_point(case, k, seed):
     BA = rng.standard_normal((m, k)) @ rng.standard_normal((k, n))  # (m, n)
     U_s, V_s = bases(case.W_s, case.r, "cpu")
     outside = rel(N(L.project(T(BA), U_s, V_s)), BA)
-    U_np, V_np = top_r_bases(case.W_s, case.r)
+    U_np, V_np = np_top_r_bases(case.W_s, case.r)
     assert outside > 1e-3
     assert abs(outside - rel(oracle_project(BA, U_np, V_np), BA)) < TOL
 
@@ -132,7 +132,7 @@ def test_eq3_both_forms_agree_and_match_numpy(device, case):
     rotation = U_t @ dSigma_ts @ V_t.T
     scale = np.linalg.norm(case.dSigma_s)
     assert rel(N(projection), N(rotation), scale) < TOL
-    U_np, V_np = top_r_bases(case.W_t, case.r)
+    U_np, V_np = np_top_r_bases(case.W_t, case.r)
     assert rel(N(projection), oracle_project(oracle_delta(case), U_np, V_np), scale) < TOL
 
 
@@ -210,7 +210,7 @@ def test_eq3_full_rank_side_is_the_identity(case, seed):
     r = min(m, n)
     x = np.random.default_rng(seed).standard_normal((m, n))
     U_t, V_t = bases(case.W_t, r, "cpu")
-    U_np, V_np = top_r_bases(case.W_t, r)
+    U_np, V_np = np_top_r_bases(case.W_t, r)
     expected = U_np @ U_np.T @ x if r == n else x @ V_np @ V_np.T
     assert rel(N(L.transfer_same_dim(T(x), U_t, V_t)), expected, np.linalg.norm(x)) < TOL
 
@@ -224,7 +224,7 @@ def test_eq3_low_rank_form_equals_the_merged_form(case, k, seed):
     U_t, V_t = bases(case.W_t, case.r, "cpu")
     B_t, A_t = L.transfer_lora(T(B), T(A), U_t, V_t)
     assert B_t.shape == (m, k) and A_t.shape == (k, n)
-    U_np, V_np = top_r_bases(case.W_t, case.r)
+    U_np, V_np = np_top_r_bases(case.W_t, case.r)
     assert rel(N(B_t @ A_t), oracle_project(B @ A, U_np, V_np), np.linalg.norm(B) * np.linalg.norm(A)) < TOL
 
 
@@ -234,7 +234,7 @@ def test_eq3_low_rank_form_equals_the_merged_form(case, k, seed):
 @given(cases())
 def test_copy_baseline_matches_numpy(case):
     U_t, V_t = bases(case.W_t, case.r, "cpu")
-    U_np, V_np = top_r_bases(case.W_t, case.r)
+    U_np, V_np = np_top_r_bases(case.W_t, case.r)
     got = N(L.copy_sigma_transfer(U_t, T(case.dSigma_s), V_t))
     expected = U_np @ sigma_matrix(case.dSigma_s) @ V_np.T  # a full ΔΣ depends on the sign convention
     assert rel(got, expected, np.linalg.norm(case.dSigma_s)) < TOL
@@ -330,10 +330,10 @@ def test_eq4_counter_wrong_normalisation_is_caught(case):
 
 @given(cases(), st.floats(0.0, 1.0), st.sampled_from(["u", "v", "both", "mean"]))
 def test_layer_transfer_report_and_gate(case, threshold, side):
-    U_np, V_np = top_r_bases(case.W_s, case.r)
+    U_np, V_np = np_top_r_bases(case.W_s, case.r)
     dW_s = U_np @ sigma_matrix(case.dSigma_s) @ V_np.T  # (m, n) numpy's Eq. (1)
     dW_t, report = L.transfer_layer(T(dW_s), T(case.W_s), T(case.W_t), case.r, threshold=threshold, side=side)
-    Ut_np, Vt_np = top_r_bases(case.W_t, case.r)
+    Ut_np, Vt_np = np_top_r_bases(case.W_t, case.r)
     phi_u, phi_v = oracle_phi(U_np, Ut_np), oracle_phi(V_np, Vt_np)
     phi = {"u": phi_u, "v": phi_v, "both": min(phi_u, phi_v), "mean": (phi_u + phi_v) / 2}[side]
     assert abs(report.phi_u - phi_u) < 1e-9 and abs(report.phi_v - phi_v) < 1e-9 and abs(report.phi - phi) < 1e-9
@@ -349,8 +349,8 @@ def test_layer_transfer_report_and_gate(case, threshold, side):
 
 @given(cases(same_shape=False))
 def test_layer_transfer_picks_the_mismatch_case_for_different_shapes(case):
-    U_np, V_np = top_r_bases(case.W_s, case.r)
-    Ut_np, Vt_np = top_r_bases(case.W_t, case.r)
+    U_np, V_np = np_top_r_bases(case.W_s, case.r)
+    Ut_np, Vt_np = np_top_r_bases(case.W_t, case.r)
     dW_s = U_np @ sigma_matrix(case.dSigma_s) @ V_np.T
     dW_t, report = L.transfer_layer(T(dW_s), T(case.W_s), T(case.W_t), case.r)
     same_m, same_n = case.W_s.shape[0] == case.W_t.shape[0], case.W_s.shape[1] == case.W_t.shape[1]

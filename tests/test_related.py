@@ -25,7 +25,7 @@ from lorax_ref.related import (
 )
 from lorax_ref.testing.oracles import np64 as np_
 from lorax_ref.testing.oracles import t64
-from lorax_ref.testing.strategies import Case, cases, top_r_bases
+from lorax_ref.testing.strategies import Case, cases, np_top_r_bases
 
 RTOL = 1e-7  # on ‖·‖_F relative to ‖ΔW‖_F, float64
 
@@ -43,7 +43,7 @@ def plain_lora(case: Case, rank: int = 3) -> np.ndarray:
 
 def projectors(W: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     """Explicit P_∥ = U Uᵀ (m, m) and Q_∥ = V Vᵀ (n, n) from numpy's SVD."""
-    U, V = top_r_bases(W, r)
+    U, V = np_top_r_bases(W, r)
     return U @ U.T, V @ V.T
 
 

@@ -9,7 +9,7 @@ from hypothesis import assume
 from hypothesis import strategies as st
 
 from ..registry import EQUATIONS
-from ..testing.oracles import np_lstsq_map, np_mismatch, np_phi, np_project, orthonormal, sigma_matrix, top_r_bases
+from ..testing.oracles import np_lstsq_map, np_mismatch, np_phi, np_project, orthonormal, sigma_matrix, np_top_r_bases
 from ..testing.strategies import cases, matrices
 from .calling import CallError, Check, Spec
 from .compare import Example, Failure, _call_failure, _compare, _expect, _fmt
@@ -35,8 +35,8 @@ def _update_case(draw, same_shape=True, targets=("independent", "near", "same"),
     c = draw(cases(same_shape=same_shape, targets=targets, full_sigma=full_sigma, max_dim=MAX_DIM, min_dim=MIN_DIM))
     if not same_shape:
         assume(c.W_s.shape != c.W_t.shape)  # "different shapes" checks: equal ones are other checks' business
-    U_s, V_s = top_r_bases(c.W_s, c.r)
-    U_t, V_t = top_r_bases(c.W_t, c.r)
+    U_s, V_s = np_top_r_bases(c.W_s, c.r)
+    U_t, V_t = np_top_r_bases(c.W_t, c.r)
     if generic and draw(st.booleans()):
         dW_s, kind = draw(matrices(*c.W_s.shape)), "generic ΔW_s"
     else:
@@ -72,7 +72,7 @@ def _eq1_examples(full: bool):
     @st.composite
     def strat(draw):
         c = draw(cases(full_sigma=full, targets=("independent",), max_dim=MAX_DIM, min_dim=MIN_DIM))
-        U_s, V_s = top_r_bases(c.W_s, c.r)
+        U_s, V_s = np_top_r_bases(c.W_s, c.r)
         return _ex(dict(U_s=U_s, dSigma_s=c.dSigma_s, V_s=V_s), f"{_layer(c)}, {_sig(c.dSigma_s)}")
     return strat()
 
@@ -402,8 +402,8 @@ def _phi_examples(rotate=False):
     @st.composite
     def strat(draw):
         c = draw(cases(targets=("independent", "near", "same"), max_dim=MAX_DIM, min_dim=MIN_DIM))
-        U_a, _ = top_r_bases(c.W_s, c.r)
-        U_b, _ = top_r_bases(c.W_t, c.r)
+        U_a, _ = np_top_r_bases(c.W_s, c.r)
+        U_b, _ = np_top_r_bases(c.W_t, c.r)
         aux = dict(rot_seed=draw(st.integers(0, 2**16))) if rotate else {}
         return _ex(dict(U_a=U_a, U_b=U_b), f"m={c.W_s.shape[0]}, r={c.r}, target {c.target}", **aux)
     return strat()
@@ -451,8 +451,8 @@ def _phi_basis_invariant(call, ex):
 def _phi_other_height_examples(draw):
     c = draw(cases(same_shape=False, max_dim=MAX_DIM, min_dim=MIN_DIM))
     assume(c.W_s.shape[0] != c.W_t.shape[0])
-    U_a, _ = top_r_bases(c.W_s, c.r)  # (m_a, r)
-    U_b, _ = top_r_bases(c.W_t, c.r)  # (m_b, r)
+    U_a, _ = np_top_r_bases(c.W_s, c.r)  # (m_a, r)
+    U_b, _ = np_top_r_bases(c.W_t, c.r)  # (m_b, r)
     return _ex(dict(U_a=U_a, U_b=U_b), f"U_a of height m={U_a.shape[0]}, U_b of height m={U_b.shape[0]}, r={c.r}")
 
 

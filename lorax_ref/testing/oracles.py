@@ -75,7 +75,7 @@ def np_bases(W, r: int) -> tuple[np.ndarray, np.ndarray]:
     return U[:, :r], Vh[:r].T  # (m, r), (n, r)
 
 
-def top_r_bases(W: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+def np_top_r_bases(W: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     """numpy's top-r ``U (m, r)``, ``V (n, r)``: the independent oracle for :func:`lorax_ref.svd_topk`.
 
     Applies the documented sign convention (largest-|·| entry of each u_i positive, v_i flipped with it),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
-from .oracles import near_identity_rotation, orthonormal, top_r_bases  # noqa: F401 — plain samplers and the SVD oracle, re-exported
+from .oracles import near_identity_rotation, orthonormal, np_top_r_bases  # noqa: F401 — plain samplers and the SVD oracle, re-exported
 
 MAX_DIM = 32
 MAX_COND = 1e6
