@@ -337,25 +337,22 @@ def predict_transfer(
     that the target has, and the expectation for a random LoRA-X update (:func:`expected_kept_energy`).
     ``cache`` is only read from when it is ``read_only`` (the command line's dry run).
     """
-    from .files.adapters import LORAX
     from .files.cache import BasisCache
 
     cache = cache if cache is not None else BasisCache(None)
-    r, threshold, _, layer_map, device = transfer_settings(
+    st, layer_map = transfer_settings(
         adapter, source, r, threshold, side, method, out_format, layer_map, device, ignore_base_hash)
     if modules is not None and adapter is not None:
         raise AdapterError("modules selects weights only for a prediction without an adapter")
-    dev = torch.device(device)
     idx_s, idx_t = BaseIndex(source), BaseIndex(target)
     skipped: dict = {}
     if adapter is None:
-        layers, skipped = _stems(idx_s, idx_t, layer_map, modules, r)
-        fmt_in = LORAX  # a stem resolves to itself
+        layers, skipped = _stems(idx_s, idx_t, layer_map, modules, st.r)  # stems, read as LoRA-X names
     else:
-        layers, fmt_in = adapter.layers, adapter.format
+        layers = adapter.layers
     seen: dict[str, str] = {}
-    plans = [_plan_layer(layer, fmt_in, idx_s, idx_t, layer_map, seen, r, method, threshold, side) for layer in layers]
-    run = _Run(idx_s, idx_t, source.sha256, target.sha256, r, threshold, side, method, cache, dev)
+    plans = [_plan_layer(layer, st, idx_s, idx_t, layer_map, seen) for layer in layers]
+    run = _Run(idx_s, idx_t, source.sha256, target.sha256, st.r, st.threshold, st.side, st.method, cache, st.device)
     rows = []
     with tqdm(layers, desc="dry run", unit="layer", leave=False, disable=None if progress else True) as bar:
         for layer, plan in zip(bar, plans):

@@ -305,12 +305,13 @@ def _check_shape(layer, shape_adapter: tuple, stem: str, shape_base: tuple, what
 
 
 def transfer_settings(adapter, source, r, threshold, side, method, out_format, layer_map, device,
-                      ignore_base_hash) -> tuple:
+                      ignore_base_hash) -> tuple[LayerSettings, dict[str, str]]:
     """Every option of :func:`transfer_adapter` checked before any SVD (also used by its dry run,
     :func:`lorax_ref.predict.predict_transfer`, so that a dry run refuses what the transfer would refuse).
 
-    ``adapter`` may be None (a prediction from the bases alone). Returns ``(r, threshold, fmt_out, layer_map,
-    device)`` with the defaults filled in: r = the LoRA-X adapter's rank, else 320 (the paper's).
+    ``adapter`` may be None (a prediction from the bases alone: its layers are weight stems, read as LoRA-X
+    names). Returns the :class:`LayerSettings` with the defaults filled in (r = the LoRA-X adapter's rank,
+    else 320, the paper's) and the layer map as a dict.
     """
     threshold = checks.threshold(threshold)
     if side not in SIDES:
@@ -340,7 +341,7 @@ def transfer_settings(adapter, source, r, threshold, side, method, out_format, l
                 f"the LoRA-X adapter was made for the base with sha256 {adapter.base_sha256[:16]}…, but the source "
                 f"checkpoint {source.path.name} has sha256 {source.sha256[:16]}…; pass --ignore-base-hash to use it anyway")
     r = 320 if r is None else r
-    return r, threshold, fmt_out, layer_map, device
+    return LayerSettings(r, threshold, side, method, fmt_in or LORAX, fmt_out, torch.device(device)), layer_map
 
 
 def transfer_adapter(
@@ -385,15 +386,13 @@ def transfer_adapter(
     """
     from .cache import BasisCache
 
-    r, threshold, fmt_out, layer_map, device = transfer_settings(
+    st, layer_map = transfer_settings(
         adapter, source, r, threshold, side, method, out_format, layer_map, device, ignore_base_hash)
-    run = _Run(LayerSettings(r, threshold, side, method, adapter.format, fmt_out, torch.device(device)),
-               BaseIndex(source), BaseIndex(target), source.sha256, target.sha256,
+    run = _Run(st, BaseIndex(source), BaseIndex(target), source.sha256, target.sha256,
                cache if cache is not None else BasisCache(None))
     seen_targets: dict[str, str] = {}
     # every layer's weights, shapes and rank are checked before the first SVD: a bad run fails in seconds
-    plans = [_plan_layer(layer, adapter.format, run.idx_s, run.idx_t, layer_map, seen_targets, r, method, threshold,
-                         side) for layer in adapter.layers]
+    plans = [_plan_layer(layer, st, run.idx_s, run.idx_t, layer_map, seen_targets) for layer in adapter.layers]
     rows: list[LayerRow] = []
     out_layers = []
     # the bar goes to stderr and only on a terminal (disable=None); it is closed even when a layer fails
@@ -406,7 +405,7 @@ def transfer_adapter(
             rows.append(row)
             if new is not None:
                 out_layers.append(new)
-    out = _output_adapter(adapter, fmt_out, out_layers, r, target, target_name)
+    out = _output_adapter(adapter, st.fmt_out, out_layers, st.r, target, target_name)
     return TransferResult(out, rows, _run_info(adapter, out, source, target, target_name, run))
 
 
@@ -454,9 +453,11 @@ def _run_info(adapter: Adapter, out: Adapter, source, target, target_name: str |
     return info
 
 
-def _plan_layer(layer, fmt_in, idx_s, idx_t, layer_map, seen_targets, r, method, threshold, side) -> tuple:
+def _plan_layer(layer, st: LayerSettings, idx_s: BaseIndex, idx_t: BaseIndex, layer_map: dict[str, str],
+                seen_targets: dict[str, str]) -> tuple:
     """Cheap checks of one layer before any SVD: its source and target weights, shapes and the rank."""
-    stem_s = idx_s.resolve(layer.module, fmt_in, "source checkpoint")
+    r, method, threshold, side = st.r, st.method, st.threshold, st.side
+    stem_s = idx_s.resolve(layer.module, st.fmt_in, "source checkpoint")
     stem_t = layer_map.get(stem_s, stem_s)
     if stem_t not in idx_t.stems:
         raise AdapterError(f"the target checkpoint has no weight {stem_t + '.weight'!r} for adapter layer "
