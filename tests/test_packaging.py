@@ -61,15 +61,21 @@ def names(deps):
     return {re.split(r"[<>=!~ \[]", d)[0].lower() for d in deps}
 
 
-def _imports_with(extras, *modules):
-    """Import ``modules`` in a fresh interpreter where only torch and the pyproject ``extras`` are installed."""
+def _run_with(extras, script, *args):
+    """Run ``script`` (with the blocker's ``{THIRD_PARTY}``) in a fresh interpreter where only torch and the
+    pyproject ``extras`` are installed."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     optional = project["optional-dependencies"]
     third_party = set().union(*map(names, optional.values())) - {"peft", "transformers"}
     allowed = names(project["dependencies"]).union(*(names(optional[e]) for e in extras))
-    code = _BLOCKER.replace("{THIRD_PARTY}", repr(sorted(third_party)))
-    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code, ",".join(sorted(allowed)), *modules],
+    code = script.replace("{THIRD_PARTY}", repr(sorted(third_party)))
+    return subprocess.run([sys.executable, "-W", "ignore", "-c", code, ",".join(sorted(allowed)), *args],
                           capture_output=True, text=True, cwd=ROOT)
+
+
+def _imports_with(extras, *modules):
+    """Import ``modules`` where only torch and the pyproject ``extras`` are installed."""
+    proc = _run_with(extras, _BLOCKER, *modules)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -96,13 +102,7 @@ _CLI = _BLOCKER.replace("for module in sys.argv[2:]:\n    importlib.import_modul
 
 def _cli_with(extras, *argv):
     """``python -m lorax_ref *argv`` where only torch and the pyproject ``extras`` are installed."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    optional = project["optional-dependencies"]
-    third_party = set().union(*map(names, optional.values())) - {"peft", "transformers"}
-    allowed = names(project["dependencies"]).union(*(names(optional[e]) for e in extras))
-    code = _CLI.replace("{THIRD_PARTY}", repr(sorted(third_party)))
-    return subprocess.run([sys.executable, "-W", "ignore", "-c", code, ",".join(sorted(allowed)), *argv],
-                          capture_output=True, text=True, cwd=ROOT)
+    return _run_with(extras, _CLI, *argv)
 
 
 def test_the_command_line_names_the_extra_it_needs():
