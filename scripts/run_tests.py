@@ -3,8 +3,9 @@
     python scripts/run_tests.py [pytest arguments]
 
 * process 1: ``pytest tests notebooks --nbval``, notebook kernels under the numerics set ``other1``;
-* process 2, at the same time: ``pytest notebooks --nbval`` under ``other2`` (see notebooks/conftest.py),
-  and the test files of ``SECOND``, which process 1 leaves out so that both end at about the same time.
+* process 2, at the same time: ``pytest notebooks --nbval`` under ``other2`` (see notebooks/conftest.py: it
+  leaves out the two real-encoder notebooks), and the test files of ``SECOND``, which process 1 leaves out so
+  that both end at about the same time.
 
 Each set is one draw of "another machine" and flags fragile digits the other may miss. Both processes
 run with one BLAS thread, so they share two cores without contention. Process 2's output follows process 1's. The exit
@@ -20,8 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 NBVAL = ["--nbval", "--nbval-current-env", "--nbval-sanitize-with", "notebooks/sanitize.cfg"]
-# Measured on an idle 2-core machine: process 1 took 490 s and process 2 402 s with the first two files here.
-SECOND = ["tests/test_dry_run.py", "tests/test_peft_interop.py", "tests/test_site.py"]
+# Measured from a fresh clone on an idle 2-core machine: unit tests 206 s (test_conformance 96 s), notebooks ~290 s
+# under each set; the second set leaves out notebooks 07-08 (notebooks/conftest.py), so it takes these files.
+SECOND = ["tests/test_conformance.py", "tests/test_dry_run.py", "tests/test_peft_interop.py", "tests/test_site.py"]
 NO_TESTS_COLLECTED = 5  # pytest's exit status when a -k/-m selection leaves nothing to run
 
 
